@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
@@ -191,3 +192,74 @@ def _token_id(value: Any, vocab_size: Any) -> int | None:
     if isinstance(value, int) and isinstance(vocab_size, int) and 0 <= value < vocab_size:
         return value
     return None
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; each field is also a `gptkit train` flag and a TOML key."""
+
+    data: str = ""
+    out: str = "runs/gpt"
+    preset: str = "small"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    dropout: float | None = None
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_steps: int = 20
+    save_interval: int = 500
+    log_interval: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    init_from: str | None = None
+    max_time: float | None = None  # seconds; stop (and save) when exceeded
+    extra: dict[str, Any] = field(default_factory=dict)  # settings of callers (e.g. fine-tuning)
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_steps", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise GptkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected at least 1.")
+        for name in ("eval_interval", "save_interval", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise GptkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected 0 or more.")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise GptkitError(f"--lr {self.lr} and --min-lr {self.min_lr} must satisfy 0 <= min-lr <= lr, lr > 0.")
+        if self.preset not in PRESETS:
+            raise GptkitError(f"--preset '{self.preset}' is unknown{closest(self.preset, tuple(PRESETS))}; "
+                              f"expected one of {', '.join(PRESETS)}.")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """Settings from a TOML file, then `overrides` (the flags a user gave) on top."""
+        import tomllib
+
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GptkitError(f"Config file {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise GptkitError(f"Config file {path} is not valid TOML ({exc}).") from None
+        names = [f.name for f in fields(cls)]
+        for key in values:
+            if key.replace("-", "_") not in names:
+                raise GptkitError(f"Unknown key '{key}' in {path}{closest(key.replace('-', '_'), names)}.")
+        merged = {key.replace("-", "_"): value for key, value in values.items()}
+        merged.update(overrides)
+        return cls(**merged)

@@ -1,0 +1,56 @@
+"""Device and precision choices shared by training, generation and serving."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from gptkit.config import closest
+from gptkit.errors import GptkitError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def pick_device(name: str | None = "auto") -> torch.device:
+    """The best available device for 'auto', else the one asked for (checked)."""
+    if name in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise GptkitError(f"--device '{name}' is not a device; expected auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GptkitError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GptkitError(f"--device {name} was asked for but Apple MPS is not available; use --device cpu.")
+    return device
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """'auto' is bf16 on GPUs that support it and fp32 elsewhere."""
+    if name in (None, "", "auto"):
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise GptkitError(f"--dtype '{name}' is unknown{closest(name, tuple(DTYPES))}; expected float32, bfloat16 or float16.")
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise GptkitError("--dtype float16 is not supported on CPU; use bfloat16 or float32.")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass; a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

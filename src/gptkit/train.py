@@ -1,0 +1,406 @@
+"""One training loop for pretraining and fine-tuning.
+
+AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient
+accumulation and clipping, mixed precision, optional `torch.compile`, periodic
+evaluation, `metrics.jsonl`, atomic checkpoints, and exact resume: the run directory
+holds the model (a Hugging Face GPT-2 directory) plus `train_state.pt` with the
+optimizer, step, RNG states and data position.
+
+Fine-tuning reuses `run_loop` with its own batches; nothing here knows about tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from gptkit.checkpoint import recover, save_model, write_json
+from gptkit.config import GPTConfig, TrainConfig
+from gptkit.errors import GptkitError
+from gptkit.model import GPT
+from gptkit.runtime import autocast, pick_device, pick_dtype
+
+STATE_NAME = "train_state.pt"
+METRICS_NAME = "metrics.jsonl"
+TRAIN_CONFIG_NAME = "train_config.json"
+IGNORE_INDEX = -100  # targets with this value (masked prompt tokens, padding) add no loss
+
+
+class Batches(Protocol):
+    """A resumable stream of (inputs, targets) batches; targets use IGNORE_INDEX to mask."""
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW decaying matrices (weights, embeddings) but not biases and LayerNorm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # fused kernels on GPUs; foreach (one op for all tensors) elsewhere
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **fused)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets that are not IGNORE_INDEX."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
+    """Token-weighted mean loss over `batches`, and the number of target tokens."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            logits = model(x)
+        n = int((y != IGNORE_INDEX).sum())
+        total += lm_loss(logits, y).double() * n
+        count += n
+    model.train(was_training)
+    return (total.item() / max(count, 1)), count
+
+
+class StopRequest:
+    """Turns Ctrl-C and SIGTERM into 'save and stop at the end of this step'."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.requested = True
+        print("\nStopping: saving a checkpoint at the end of this step "
+              "(Ctrl-C again to abort without saving).", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl and flushes at once."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():  # drop lines logged after the checkpoint we resume from
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_train_state(run_dir: Path) -> dict[str, Any]:
+    """The resumable state of a run; refuses anything but plain tensors and containers."""
+    recover(run_dir)
+    path = run_dir / STATE_NAME
+    if not path.exists():
+        raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); "
+                          "start without --resume or point --out at an earlier run.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the unpickler refuses code objects with many error types
+        raise GptkitError(f"{path} is not a loadable training state ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}).") from None
+
+
+@dataclass
+class LoopResult:
+    step: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    stopped_early: bool
+    seconds: float
+    losses: list[float]
+
+
+def run_loop(
+    model: GPT,
+    cfg: TrainConfig,
+    train_batches: Batches,
+    eval_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None,
+    run_dir: Path,
+    *,
+    save_extra: dict[str, Callable[[Path], None]] | None = None,
+    prepare_model: Callable[[GPT], GPT] | None = None,
+    progress: bool = True,
+) -> LoopResult:
+    """Train `model` in place, checkpointing into `run_dir`; resumes when `cfg.resume`.
+
+    `prepare_model` turns the model into what is saved (e.g. LoRA adapters merged);
+    `save_extra` adds files (tokenizer, task template) to every checkpoint commit.
+    """
+    from tqdm.auto import tqdm
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    model.to(device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    optimizer = make_optimizer(model, cfg, device)
+    step, tokens = 0, 0
+    torch.manual_seed(cfg.seed)
+    if cfg.resume:
+        state = load_train_state(run_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        train_batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        step, tokens = int(state["step"]), int(state["tokens"])
+    forward = model
+    if cfg.compile:
+        try:
+            forward = torch.compile(model)
+        except Exception as exc:  # compile is an optimisation: fall back, do not fail
+            warnings.warn(f"torch.compile failed ({exc}); training without it.", stacklevel=2)
+    metrics = MetricsLog(run_dir / METRICS_NAME, step if cfg.resume else None)
+    write_json(run_dir / TRAIN_CONFIG_NAME, dataclasses.asdict(cfg))
+
+    def save(reason: str) -> None:
+        to_save = prepare_model(model) if prepare_model else model
+        state = {"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(),
+                 "data": train_batches.state_dict(), "rng": rng_state(),
+                 "config": json.dumps(dataclasses.asdict(cfg))}
+        extra = dict(save_extra or {})
+        extra[STATE_NAME] = lambda p: torch.save(state, p)
+        try:
+            save_model(to_save, run_dir, extra=extra)
+        except OSError as exc:
+            raise GptkitError(f"Could not write a checkpoint to {run_dir} ({exc.strerror or exc}); "
+                              "the previous checkpoint there is intact.") from None
+        if progress:
+            tqdm.write(f"saved checkpoint at step {step} ({reason}) to {run_dir}")
+
+    def run_eval() -> float | None:
+        if eval_batches is None:
+            return None
+        val_loss, _ = evaluate(forward, eval_batches(), device, dtype)
+        metrics.write({"step": step, "tokens": tokens, "val_loss": val_loss,
+                       "val_perplexity": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+    val_loss = None
+    losses: list[float] = []
+    start = time.perf_counter()
+    stopped_early = False
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step",
+               dynamic_ncols=True)
+    model.train()
+    with StopRequest() as stop:
+        if step == 0 and cfg.eval_interval and eval_batches is not None:
+            val_loss = run_eval()
+            bar.write(f"step 0: val loss {val_loss:.4f}")
+        window_start, window_tokens = time.perf_counter(), 0
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
+            for _ in range(cfg.grad_accum):
+                x, y = train_batches.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    logits = forward(x)
+                loss = lm_loss(logits, y) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+                step_tokens += x.numel()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens
+            window_tokens += step_tokens
+            bar.update(1)
+            last = step == cfg.max_steps
+            if step % cfg.log_interval == 0 or last:
+                loss_value = loss_sum.item()  # the only host sync, once per log interval
+                losses.append(loss_value)
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                metrics.write({"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
+                               "tokens_per_s": tokens_per_s})
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
+                val_loss = run_eval()
+                if val_loss is not None:
+                    bar.write(f"step {step}: val loss {val_loss:.4f}")
+            out_of_time = cfg.max_time is not None and time.perf_counter() - start > cfg.max_time
+            if stop.requested or out_of_time:
+                stopped_early = True
+                save("interrupted" if stop.requested else "time limit")
+                break
+            if last or (cfg.save_interval and step % cfg.save_interval == 0):
+                save("end" if last else "interval")
+    bar.close()
+    metrics.close()
+    return LoopResult(step=step, tokens=tokens, train_loss=losses[-1] if losses else None,
+                      val_loss=val_loss, stopped_early=stopped_early,
+                      seconds=time.perf_counter() - start, losses=losses)
+
+
+# -- pretraining ------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
+    """A fresh model from the preset and flags, or the weights of `--init-from`."""
+    overrides = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+                 if getattr(cfg, name) is not None}
+    if cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from)
+        if vocab_size > model.config.vocab_size:
+            raise GptkitError(f"The data's vocabulary ({vocab_size}) does not fit the model in "
+                              f"{cfg.init_from} (vocab_size {model.config.vocab_size}).")
+        block = overrides.pop("block_size", None)
+        if block is not None and block > model.config.block_size:
+            raise GptkitError(f"--block-size {block} is larger than the context of {cfg.init_from} "
+                              f"({model.config.block_size}).")
+        if "dropout" in overrides:
+            model.config.dropout = overrides.pop("dropout")
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = model.config.dropout
+                elif hasattr(module, "dropout") and isinstance(module.dropout, float):
+                    module.dropout = model.config.dropout
+        if overrides:
+            raise GptkitError(f"--init-from keeps the model's shape; remove {', '.join('--' + k.replace('_', '-') for k in overrides)}.")
+        return model
+    torch.manual_seed(cfg.seed)
+    config = GPTConfig.from_preset(cfg.preset, vocab_size=vocab_size, eos_token_id=eos_token_id,
+                                   bos_token_id=eos_token_id, **overrides)
+    return GPT(config)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> LoopResult:
+    """`gptkit train`: pretrain on a prepared data directory, writing a run directory."""
+    from gptkit.data import TokenBatches, iter_eval_batches, load_meta, load_tokens
+    from gptkit.tokenizer import Tokenizer
+
+    data_dir = Path(cfg.data)
+    meta = load_meta(data_dir)
+    run_dir = Path(cfg.out)
+    tokenizer = Tokenizer.from_pretrained(data_dir / "tokenizer")
+    if cfg.resume:
+        recover(run_dir)
+        if not (run_dir / STATE_NAME).exists():
+            raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); "
+                              "start without --resume or point --out at an earlier run.")
+        model = GPT.from_pretrained(run_dir)
+    else:
+        if (run_dir / STATE_NAME).exists():
+            raise GptkitError(f"{run_dir} already holds a training run; pass --resume to continue it "
+                              "or choose another --out.")
+        model = build_model(cfg, meta["vocab_size"], meta["eos_token_id"])
+    check_tokenizer(cfg.init_from or (run_dir if cfg.resume else None), meta)
+    block_size = cfg.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise GptkitError(f"--block-size {block_size} is larger than the model's context ({model.config.block_size}).")
+    device = pick_device(cfg.device)
+    train_tokens = load_tokens(data_dir, "train")
+    val_tokens = load_tokens(data_dir, "val")
+    batches = TokenBatches(train_tokens, block_size, cfg.batch_size, cfg.seed, device=str(device))
+    eval_batches = None
+    if len(val_tokens) > block_size:
+        def eval_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return iter_eval_batches(val_tokens, block_size, cfg.batch_size, cfg.eval_steps)
+    elif progress:
+        print(f"note: {data_dir} has too little validation data for block size {block_size}; "
+              "skipping evaluation.", file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if progress:
+        n = model.num_params()
+        print(f"model: {model.config.n_layer} layers, {model.config.n_head} heads, "
+              f"{model.config.n_embd} wide, context {model.config.block_size}, {n / 1e6:.2f}M parameters; "
+              f"{cfg.batch_size * cfg.grad_accum * block_size:,} tokens per step", file=sys.stderr)
+    return run_loop(model, cfg, batches, eval_batches, run_dir,
+                    save_extra=tokenizer_files(tokenizer),
+                    progress=progress)
+
+
+def check_tokenizer(model_dir: str | Path | None, meta: dict[str, Any]) -> None:
+    """Refuse data tokenized differently from the model we continue training."""
+    if model_dir is None:
+        return
+    from gptkit.tokenizer import Tokenizer
+
+    path = Path(model_dir)
+    if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():
+        return  # a bare model directory: the vocabulary size check is all we can do
+    model_hash = Tokenizer.from_pretrained(path).hash
+    if model_hash != meta["tokenizer_hash"]:
+        raise GptkitError(f"The data was tokenized with a different tokenizer than the model in {path} "
+                          "(tokenizer hashes differ); run `gptkit prepare` with that model's tokenizer.")
+
+
+def tokenizer_files(tokenizer: Any) -> dict[str, Callable[[Path], None]]:
+    """Writers for every file of `tokenizer`, so a checkpoint commit carries it whole."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        contents = {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
+    return {name: (lambda p, data=data: Path(p).write_bytes(data)) for name, data in contents.items()}
