@@ -69,7 +69,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over targets that are not IGNORE_INDEX."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX)
 
 
