@@ -25,9 +25,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     """Train a byte-level BPE or character-level tokenizer on text files."""
+    from gptkit.data import corpus_texts
     from gptkit.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.train(args.files, vocab_size=args.vocab_size, kind=args.kind)
+    texts = corpus_texts(args.files, field=args.field)
+    tokenizer = Tokenizer.train(texts=texts, vocab_size=args.vocab_size, kind=args.kind)
     tokenizer.save_pretrained(args.out)
     print(f"saved a {tokenizer.kind} tokenizer with {tokenizer.vocab_size} tokens to {args.out}")
 
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", help="text files or directories")
     p.add_argument("--vocab-size", type=positive_int, default=8192)
     p.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
     p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
 
     p = command("prepare", cmd_prepare)

@@ -65,7 +65,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 4.0, device: str = 
     size = sum(len(t) for _, t in documents)
     print(f"[1/4] corpus: {len(documents)} documents of Python documentation, {size / 1e6:.1f}M characters")
 
-    tokenizer = Tokenizer.train([corpus], vocab_size=4096, kind="bpe")
+    tokenizer = Tokenizer.train(texts=(text for _, text in documents), vocab_size=4096, kind="bpe")
     tokenizer.save_pretrained(out / "tokenizer")
     print(f"[2/4] tokenizer: byte-level BPE with {tokenizer.vocab_size} tokens")
 

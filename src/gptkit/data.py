@@ -1,0 +1,414 @@
+"""Corpus to token files, and token files to training batches.
+
+`prepare` turns .txt/.md files (one document each) and .jsonl files (one document per
+line) into a data directory:
+
+    train.bin, val.bin   raw little-endian token ids (uint16, or uint32 for big vocabularies)
+    meta.json            {"format": "gptkit-tokens", "version": 1, "tokenizer_hash", ...}
+    tokenizer/           the tokenizer, so the directory describes itself
+
+Documents end with the end-of-text token. Every (1/val_fraction)-th document goes to
+validation (document i when floor((i+1)*f) > floor(i*f)), which spreads validation over the
+whole corpus; with too few documents for that, the last val_fraction of the token stream
+is validation instead (as nanoGPT splits tinyshakespeare). The corpus is read and encoded
+in bounded memory.
+
+`TokenBatches` draws random windows for training, reproducibly and resumably;
+`iter_eval_batches` gives fixed windows so validation losses compare across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gptkit.errors import GptkitError
+from gptkit.tokenizer import Tokenizer, decode_utf8, read_text_chunks
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "gptkit-tokens"
+VERSION = 1
+SPLITS = ("train", "val")
+TEXT_SUFFIXES = (".txt", ".md")
+CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
+# Characters gathered before one parallel encode call: big enough to keep all cores busy,
+# small enough to bound memory.
+_BATCH_CHARS = 4 << 20
+
+
+def find_corpus_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The .txt/.md/.jsonl files named by `inputs`, directories searched recursively in
+    sorted order so that the token files are the same on every run."""
+    if not inputs:
+        raise GptkitError("no corpus given; pass at least one file or directory.")
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES
+            )
+            if not found:
+                raise GptkitError(f"{path} contains no .txt, .md or .jsonl files.")
+            files += found
+        elif path.is_file():
+            if path.suffix not in CORPUS_SUFFIXES:
+                raise GptkitError(f"{path} is not a .txt, .md or .jsonl file.")
+            files.append(path)
+        else:
+            raise GptkitError(f"corpus path {path} does not exist.")
+    return files
+
+
+def iter_documents(files: Sequence[Path], field: str = "text") -> Iterator[tuple[str, int, bool]]:
+    """Yield `(text, bytes_read, ends_document)` pieces of every non-empty document.
+
+    A text file is one document, read in pieces; a JSONL line is one document, its
+    `field` the text. Invalid UTF-8 becomes U+FFFD with a warning per file.
+    """
+    for path in files:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, field)
+            continue
+        pending: tuple[str, int] | None = None
+        started = False
+        for text, nbytes in read_text_chunks(path):
+            if pending is not None:
+                yield pending[0], pending[1], False
+            started = started or bool(text)
+            pending = (text, nbytes)
+        if pending is not None:
+            yield pending[0], pending[1], started
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, int, bool]]:
+    replaced = 0
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            line, bad = decode_utf8(raw)
+            replaced += bad
+            if not line.strip():
+                yield "", len(raw), False
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GptkitError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
+            if not isinstance(record, dict):
+                raise GptkitError(
+                    f"{path} line {n} is a JSON {type(record).__name__}; expected an object "
+                    f"with a '{field}' field."
+                )
+            if field not in record:
+                raise GptkitError(
+                    f"{path} line {n} has no field '{field}' (it has {', '.join(record)}); "
+                    "choose the text field with --field."
+                )
+            text = record[field]
+            if not isinstance(text, str):
+                raise GptkitError(
+                    f"{path} line {n}: field '{field}' is a {type(text).__name__}; "
+                    "expected a string."
+                )
+            yield text, len(raw), bool(text)
+    if replaced:
+        warnings.warn(
+            f"{path}: {replaced} bytes that are not valid UTF-8 were replaced with U+FFFD.",
+            stacklevel=2,
+        )
+
+
+def corpus_texts(inputs: Sequence[str | Path], field: str = "text") -> Iterator[str]:
+    """The corpus as `prepare` reads it, for `Tokenizer.train(texts=...)`."""
+    for text, _, _ in iter_documents(find_corpus_files(inputs), field):
+        if text:
+            yield text
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits, else uint32: half the disk and page cache."""
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    field: str = "text",
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Encode a corpus into `out_dir` (train.bin, val.bin, meta.json, tokenizer/); return
+    the meta dict. `workers` is the number of tiktoken encoding threads (default: all
+    cores); see `Tokenizer.encode_batch`."""
+    if not 0 <= val_fraction < 1:
+        raise GptkitError(f"val_fraction {val_fraction} is outside [0, 1).")
+    if workers is not None and workers < 1:
+        raise GptkitError(f"workers {workers} must be at least 1.")
+    files = find_corpus_files(inputs)
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    dtype = token_dtype(tokenizer.vocab_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = {split: out / f"{split}.bin.tmp" for split in SPLITS}
+    try:
+        with open(tmp["train"], "wb") as train_f, open(tmp["val"], "wb") as val_f:
+            sinks = {"train": train_f, "val": val_f}
+            counts, documents, unknown = _encode_corpus(
+                files, field, tokenizer, dtype, val_fraction, sinks, workers, progress
+            )
+        if documents == 0:
+            raise GptkitError(
+                f"the corpus ({len(files)} files) contains no text; expected non-empty documents."
+            )
+        if counts["val"] == 0 and val_fraction > 0:
+            counts = _split_tail(tmp, dtype, counts["train"], val_fraction)
+        if unknown:
+            warnings.warn(
+                f"{unknown} characters were not in the vocabulary and were encoded as <unk>.",
+                stacklevel=2,
+            )
+        tokenizer.save_pretrained(out / "tokenizer")
+        for split in SPLITS:
+            os.replace(tmp[split], out / f"{split}.bin")
+    finally:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tokenizer_hash": tokenizer.hash,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "eos_token_id": tokenizer.eos_token_id,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "documents": documents,
+        "sources": [str(p.resolve()) for p in files],
+    }
+    meta_tmp = out / "meta.json.tmp"
+    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(meta_tmp, out / "meta.json")
+    return meta
+
+
+def _encode_corpus(
+    files: list[Path],
+    field: str,
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    val_fraction: float,
+    sinks: dict[str, Any],
+    workers: int | None,
+    progress: bool,
+) -> tuple[dict[str, int], int, int]:
+    """Stream documents through the tokenizer into the split files; return the token count
+    per split, the number of documents and the number of <unk> tokens."""
+    counts = {split: 0 for split in SPLITS}
+    documents = 0
+    unknown = 0
+    batch: list[str] = []
+    ends: list[bool] = []
+    batch_chars = 0
+
+    def flush() -> None:
+        nonlocal documents, unknown
+        for ids, end in zip(tokenizer.encode_batch(batch, num_threads=workers), ends, strict=True):
+            # Document i is validation when floor((i+1)*f) > floor(i*f): every 1/f-th one.
+            is_val = math.floor((documents + 1) * val_fraction) > math.floor(
+                documents * val_fraction
+            )
+            if end:
+                ids.append(tokenizer.eos_token_id)
+                documents += 1
+            arr = np.asarray(ids, dtype=dtype)
+            if tokenizer.unk_token_id is not None:
+                unknown += int(np.count_nonzero(arr == tokenizer.unk_token_id))
+            split = "val" if is_val else "train"
+            sinks[split].write(arr.tobytes())
+            counts[split] += len(arr)
+        batch.clear()
+        ends.clear()
+
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
+        for text, nbytes, end in iter_documents(files, field):
+            bar.update(nbytes)
+            if not text and not end:
+                continue
+            batch.append(text)
+            ends.append(end)
+            batch_chars += len(text)
+            if batch_chars >= _BATCH_CHARS:
+                flush()
+                batch_chars = 0
+        flush()
+    return counts, documents, unknown
+
+
+def _split_tail(
+    tmp: dict[str, Path], dtype: np.dtype, total: int, val_fraction: float
+) -> dict[str, int]:
+    """Move the last val_fraction of the train tokens to val, chunk by chunk."""
+    n_train = int(total * (1 - val_fraction))
+    chunk = 1 << 24
+    with open(tmp["train"], "r+b") as src, open(tmp["val"], "wb") as dst:
+        src.seek(n_train * dtype.itemsize)
+        while block := src.read(chunk):
+            dst.write(block)
+        src.truncate(n_train * dtype.itemsize)
+    return {"train": n_train, "val": total - n_train}
+
+
+def load_meta(data_dir: str | Path) -> dict[str, Any]:
+    """meta.json of a data directory made by `prepare`."""
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise GptkitError(
+            f"{data_dir} is not a gptkit data directory (no meta.json); create one with "
+            "`gptkit prepare`."
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise GptkitError(f"{path} is not valid JSON ({e.msg}).") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GptkitError(f"{path} is not a gptkit-tokens meta.json.")
+    if meta.get("version") != VERSION:
+        raise GptkitError(
+            f"{path} has format version {meta.get('version')}; this gptkit reads version {VERSION}."
+        )
+    return meta
+
+
+def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
+    """The token ids of one split, memory-mapped (read-only), so any size loads instantly."""
+    if split not in SPLITS:
+        raise GptkitError(f"unknown split {split!r}; expected one of {SPLITS}.")
+    meta = load_meta(data_dir)
+    dtype = np.dtype(meta["dtype"])
+    path = Path(data_dir) / f"{split}.bin"
+    expected = meta[f"{split}_tokens"]
+    size = path.stat().st_size if path.is_file() else -1
+    if size != expected * dtype.itemsize:
+        raise GptkitError(
+            f"{path} should hold {expected} {dtype.name} tokens but has {max(size, 0)} bytes; "
+            "run `gptkit prepare` again."
+        )
+    if expected == 0:  # numpy cannot memory-map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _check_length(tokens: np.ndarray, block_size: int, split: str) -> None:
+    if len(tokens) < block_size + 1:
+        raise GptkitError(
+            f"the {split} split has {len(tokens)} tokens; a block size of {block_size} needs "
+            f"at least {block_size + 1}."
+        )
+
+
+class TokenBatches:
+    """Random contiguous windows (x, y = x shifted by one), as nanoGPT draws them, but
+    reproducible from a seed and resumable from `state_dict`.
+
+    Every step draws batch_size * world_size offsets from one generator seeded with
+    `seed` (the same on all ranks) and rank r takes slice r: ranks use disjoint slices,
+    and together they see exactly what one process with a world_size times larger batch
+    would.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str = "cpu",
+        *,
+        split: str = "train",
+    ) -> None:
+        import torch
+
+        _check_length(tokens, block_size, split)
+        if not 0 <= rank < world_size:
+            raise GptkitError(f"rank {rank} is outside [0, world_size={world_size}).")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.step = 0
+        self._generator = torch.Generator().manual_seed(seed)
+        self._window = np.arange(block_size + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next (x, y), each int64 of shape (batch_size, block_size), on `device`."""
+        import torch
+
+        offsets = torch.randint(
+            len(self.tokens) - self.block_size,
+            (self.batch_size * self.world_size,),
+            generator=self._generator,
+        )
+        mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        # One gather of (B, T+1) ids; x and y are views of it.
+        rows = torch.from_numpy(self.tokens[mine.numpy()[:, None] + self._window].astype(np.int64))
+        self.step += 1
+        x, y = rows[:, :-1], rows[:, 1:]
+        if self.device.startswith("cuda"):
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        elif self.device != "cpu":
+            x, y = x.to(self.device), y.to(self.device)
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        """Generator state and step; safe for `torch.load(weights_only=True)`."""
+        return {"generator": self._generator.get_state(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where the saved batches stopped."""
+        self._generator.set_state(state["generator"])
+        self.step = int(state["step"])
+
+
+def iter_eval_batches(
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    *,
+    split: str = "val",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed, non-overlapping windows starting at token 0 and spread evenly over the split
+    (all of them, or max_batches * batch_size), so validation losses compare across runs."""
+    import torch
+
+    _check_length(tokens, block_size, split)
+    if max_batches is not None and max_batches < 1:
+        raise GptkitError(f"max_batches {max_batches} must be at least 1.")
+    available = (len(tokens) - 1) // block_size
+    wanted = available if max_batches is None else min(available, max_batches * batch_size)
+    stride = available // wanted * block_size
+    window = np.arange(block_size + 1)
+    for start in range(0, wanted, batch_size):
+        count = min(batch_size, wanted - start)
+        offsets = (np.arange(start, start + count) * stride)[:, None] + window
+        rows = torch.from_numpy(tokens[offsets].astype(np.int64))
+        yield rows[:, :-1], rows[:, 1:]
