@@ -169,6 +169,8 @@ class GPT(nn.Module):
         token may attend to (True = attend).
         """
         B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"{T} tokens exceed the model's context of {self.config.block_size}")
         if position_ids is None:
             start = 0 if input_pos is None else input_pos.reshape(-1)[0]
             position_ids = (torch.arange(T, device=idx.device) + start).unsqueeze(0)
