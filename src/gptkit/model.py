@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit.config import GPTConfig
+from gptkit.errors import GptkitError
 
 
 class KVCache(nn.Module):
@@ -159,14 +160,16 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids `idx` (B, T).
+                attn_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for token ids `idx` (B, T); (B, 1, V) with `last_only`.
 
         Training: call with `idx` alone (causal attention, positions 0..T-1).
         Generation with a cache (see `setup_cache`): `input_pos` names the cache slots
         the T new tokens occupy, `position_ids` (B, T) their positions (they differ
         from slots under left padding), `attn_mask` (B, 1, T, S) which slots each
-        token may attend to (True = attend).
+        token may attend to (True = attend). `last_only` skips the LM head for all but
+        the last position, which is all a prompt's prefill needs (the head is the
+        largest matmul of a small model).
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -181,6 +184,8 @@ class GPT(nn.Module):
                     block, x, input_pos, attn_mask, use_reentrant=False)
             else:
                 x = block(x, input_pos, attn_mask)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x))
 
     # -- KV cache --------------------------------------------------------------------
@@ -189,7 +194,8 @@ class GPT(nn.Module):
                     device: torch.device | str | None = None) -> None:
         """Preallocate a KV cache of `max_slots` positions for `batch_size` rows."""
         if max_slots > self.config.block_size:
-            raise ValueError(f"cache of {max_slots} slots exceeds the context of {self.config.block_size}")
+            raise GptkitError(f"A cache of {max_slots} positions exceeds the model's context of "
+                              f"{self.config.block_size}.")
         weight = self.transformer.wte.weight
         dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
         device = device or weight.device
@@ -198,8 +204,23 @@ class GPT(nn.Module):
                                           self.config.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
-        for block in self.transformer.h:
-            block.attn.kv_cache = None
+        self.kv_caches = [None] * len(self.transformer.h)
+
+    @property
+    def kv_caches(self) -> list[KVCache | None]:
+        """Each layer's cache, so callers can save and restore them around generation."""
+        return [block.attn.kv_cache for block in self.transformer.h]
+
+    @kv_caches.setter
+    def kv_caches(self, caches: list[KVCache | None]) -> None:
+        for block, cache in zip(self.transformer.h, caches, strict=True):
+            block.attn.kv_cache = cache
+
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Row i of every layer's cache becomes old row `rows[i]` (beam search)."""
+        for cache in self.kv_caches:
+            cache.k.copy_(cache.k.index_select(0, rows))
+            cache.v.copy_(cache.v.index_select(0, rows))
 
     # -- model directories (Hugging Face GPT-2 layout) -------------------------------
 
