@@ -104,10 +104,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 # -- GPT-2 state dicts ------------------------------------------------------------------
 
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our parameters under GPT-2 names and layouts (tied lm_head left out, as HF does)."""
+def to_hf_state_dict(model: GPT, state_dict: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Our parameters under GPT-2 names and layouts (tied lm_head left out, as HF does).
+
+    `state_dict` replaces the model's own tensors (e.g. full weights gathered from shards).
+    """
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         if name == "lm_head.weight":
             continue
         tensor = tensor.detach()
@@ -148,7 +152,8 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
 # -- model directories ------------------------------------------------------------------
 
 def save_model(model: GPT, directory: str | Path,
-               extra: dict[str, Callable[[Path], None]] | None = None) -> None:
+               extra: dict[str, Callable[[Path], None]] | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write a model directory (plus any `extra` files) as one atomic commit."""
     from safetensors.torch import save_file
 
@@ -156,7 +161,8 @@ def save_model(model: GPT, directory: str | Path,
     generation = {"bos_token_id": config.bos_token_id if config.bos_token_id is not None
                   else config.eos_token_id, "eos_token_id": config.eos_token_id}
     writers: dict[str, Callable[[Path], None]] = {
-        WEIGHTS_NAME: lambda p: save_file(to_hf_state_dict(model), str(p), metadata={"format": "pt"}),
+        WEIGHTS_NAME: lambda p: save_file(to_hf_state_dict(model, state_dict), str(p),
+                                         metadata={"format": "pt"}),
         CONFIG_NAME: lambda p: write_json(p, config.to_hf_dict()),
         GENERATION_CONFIG_NAME: lambda p: write_json(p, generation),
     }

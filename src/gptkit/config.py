@@ -225,6 +225,7 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (under torchrun)
     resume: bool = False
     init_from: str | None = None
     max_time: float | None = None  # seconds; stop (and save) when exceeded

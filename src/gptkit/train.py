@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from gptkit import distributed
 from gptkit.checkpoint import recover, save_model, write_json
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
@@ -75,21 +76,68 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
-    """Token-weighted mean loss over `batches`, and the number of target tokens."""
+             device: torch.device, dtype: torch.dtype,
+             info: distributed.DistInfo = distributed.SINGLE) -> tuple[float, int]:
+    """Token-weighted mean loss over `batches`, and the number of target tokens.
+
+    Under torchrun each rank scores an equal share of the batches (FSDP needs every rank
+    to run the same number of forwards) and the sums are combined.
+    """
+    batches = list(batches)
+    if info.enabled and len(batches) >= info.world_size:
+        share = len(batches) // info.world_size
+        batches = batches[info.rank * share:(info.rank + 1) * share]
+        combine = True
+    else:
+        combine = False
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits = model(x)
-        n = int((y != IGNORE_INDEX).sum())
-        total += lm_loss(logits, y).double() * n
-        count += n
+        n = (y != IGNORE_INDEX).sum()
+        sums += torch.stack([lm_loss(logits, y).double() * n, n.double()])
     model.train(was_training)
-    return (total.item() / max(count, 1)), count
+    if combine:
+        sums = distributed.total(sums, info)
+    loss_sum, count = sums.tolist()
+    return loss_sum / max(count, 1.0), int(count)
+
+
+class CompileFallback:
+    """`torch.compile(model)` that falls back to eager, with a warning, if compiling fails.
+
+    Compilation happens lazily at the first call, so the guard must sit around calls,
+    not around `torch.compile` itself. Only compiler errors are caught.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.eager = model
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(model)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:
+                if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise
+                warnings.warn(f"torch.compile failed ({type(exc).__name__}); continuing without it.",
+                              stacklevel=2)
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> None:
+        self.eager.train(mode)
+
+    def eval(self) -> None:
+        self.eager.eval()
+
+    @property
+    def training(self) -> bool:
+        return self.eager.training
 
 
 class StopRequest:
@@ -188,57 +236,79 @@ def run_loop(
     save_extra: dict[str, Callable[[Path], None]] | None = None,
     prepare_model: Callable[[GPT], GPT] | None = None,
     progress: bool = True,
+    info: distributed.DistInfo = distributed.SINGLE,
 ) -> LoopResult:
     """Train `model` in place, checkpointing into `run_dir`; resumes when `cfg.resume`.
 
     `prepare_model` turns the model into what is saved (e.g. LoRA adapters merged);
-    `save_extra` adds files (tokenizer, task template) to every checkpoint commit.
+    `save_extra` adds files (tokenizer, task template) to every checkpoint commit. Under
+    torchrun (`info`) only rank 0 logs and writes files.
     """
     from tqdm.auto import tqdm
 
-    device = pick_device(cfg.device)
+    device = distributed.device_for(info, pick_device(cfg.device))
     dtype = pick_dtype(cfg.dtype, device)
+    if cfg.fsdp and prepare_model is not None:
+        raise GptkitError("--fsdp cannot be combined with LoRA adapters; train LoRA without --fsdp.")
+    main = info.is_main
+    progress = progress and main
     model.to(device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    optimizer = make_optimizer(model, cfg, device)
     step, tokens = 0, 0
-    torch.manual_seed(cfg.seed)
-    if cfg.resume:
-        state = load_train_state(run_dir)
-        optimizer.load_state_dict(state["optimizer"])
+    torch.manual_seed(cfg.seed + info.rank)  # ranks draw different dropout masks
+    state = load_train_state(run_dir) if cfg.resume else None
+    if state is not None:
+        adjust_accumulation(cfg, state, info, progress)
+    wrapped = distributed.wrap(model, info, device, cfg.fsdp, dtype)
+    optimizer = make_optimizer(model, cfg, device)  # after sharding: it holds the shards
+    if state is not None:
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         train_batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
+        if state.get("world_size", 1) == info.world_size == 1:
+            set_rng_state(state["rng"])
+        else:  # dropout streams cannot carry over between world sizes; reseed reproducibly
+            torch.manual_seed(cfg.seed + 1_000_003 * info.rank + int(state["step"]))
         step, tokens = int(state["step"]), int(state["tokens"])
-    forward = model
-    if cfg.compile:
-        try:
-            forward = torch.compile(model)
-        except Exception as exc:  # compile is an optimisation: fall back, do not fail
-            warnings.warn(f"torch.compile failed ({exc}); training without it.", stacklevel=2)
-    metrics = MetricsLog(run_dir / METRICS_NAME, step if cfg.resume else None)
-    write_json(run_dir / TRAIN_CONFIG_NAME, dataclasses.asdict(cfg))
+    forward: Callable[..., torch.Tensor] = CompileFallback(wrapped) if cfg.compile else wrapped
+    metrics = MetricsLog(run_dir / METRICS_NAME, step if cfg.resume else None) if main else None
+    if main:
+        write_json(run_dir / TRAIN_CONFIG_NAME, dataclasses.asdict(cfg))
+        if info.enabled:
+            print(f"distributed: {info.world_size} processes x batch {cfg.batch_size} x grad-accum "
+                  f"{cfg.grad_accum} = global batch {cfg.batch_size * cfg.grad_accum * info.world_size}"
+                  f"{' (FSDP)' if cfg.fsdp else ' (DDP)'}", file=sys.stderr)
+
+    def log(record: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(record)
 
     def save(reason: str) -> None:
-        to_save = prepare_model(model) if prepare_model else model
-        state = {"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(),
-                 "data": train_batches.state_dict(), "rng": rng_state(),
-                 "config": json.dumps(dataclasses.asdict(cfg))}
-        extra = dict(save_extra or {})
-        extra[STATE_NAME] = lambda p: torch.save(state, p)
-        try:
-            save_model(to_save, run_dir, extra=extra)
-        except OSError as exc:
-            raise GptkitError(f"Could not write a checkpoint to {run_dir} ({exc.strerror or exc}); "
-                              "the previous checkpoint there is intact.") from None
-        if progress:
-            tqdm.write(f"saved checkpoint at step {step} ({reason}) to {run_dir}")
+        # gathering sharded state is a collective: every rank takes part, rank 0 writes
+        weights = distributed.full_model_state(model, cfg.fsdp) if cfg.fsdp else None
+        optim_state = distributed.full_optimizer_state(model, optimizer, cfg.fsdp)
+        if main:
+            to_save = prepare_model(model) if prepare_model else model
+            train_state = {"step": step, "tokens": tokens, "optimizer": optim_state,
+                           "data": train_batches.state_dict(), "rng": rng_state(),
+                           "world_size": info.world_size, "grad_accum": cfg.grad_accum,
+                           "config": json.dumps(dataclasses.asdict(cfg))}
+            extra = dict(save_extra or {})
+            extra[STATE_NAME] = lambda p: torch.save(train_state, p)
+            try:
+                save_model(to_save, run_dir, extra=extra, state_dict=weights)
+            except OSError as exc:
+                raise GptkitError(f"Could not write a checkpoint to {run_dir} ({exc.strerror or exc}); "
+                                  "the previous checkpoint there is intact.") from None
+            if progress:
+                tqdm.write(f"saved checkpoint at step {step} ({reason}) to {run_dir}", file=sys.stderr)
+        distributed.barrier(info)
 
     def run_eval() -> float | None:
         if eval_batches is None:
             return None
-        val_loss, _ = evaluate(forward, eval_batches(), device, dtype)
-        metrics.write({"step": step, "tokens": tokens, "val_loss": val_loss,
-                       "val_perplexity": math.exp(min(val_loss, 50.0))})
+        val_loss, _ = evaluate(forward, eval_batches(), device, dtype, info)
+        log({"step": step, "tokens": tokens, "val_loss": val_loss,
+             "val_perplexity": math.exp(min(val_loss, 50.0))})
         return val_loss
 
     val_loss = None
@@ -259,15 +329,16 @@ def run_loop(
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             step_tokens = 0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = train_batches.next_batch()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, dtype):
-                    logits = forward(x)
-                loss = lm_loss(logits, y) / cfg.grad_accum
-                loss.backward()
+                with distributed.no_sync(wrapped, sync=micro == cfg.grad_accum - 1):
+                    with autocast(device, dtype):
+                        logits = forward(x)
+                    loss = lm_loss(logits, y) / cfg.grad_accum
+                    loss.backward()
                 loss_sum += loss.detach()
-                step_tokens += x.numel()
+                step_tokens += x.numel() * info.world_size
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -278,12 +349,12 @@ def run_loop(
             bar.update(1)
             last = step == cfg.max_steps
             if step % cfg.log_interval == 0 or last:
-                loss_value = loss_sum.item()  # the only host sync, once per log interval
+                loss_value = distributed.mean(loss_sum, info).item()  # the one host sync
                 losses.append(loss_value)
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                metrics.write({"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
-                               "tokens_per_s": tokens_per_s})
+                log({"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
+                     "tokens_per_s": tokens_per_s})
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
@@ -291,17 +362,42 @@ def run_loop(
                 if val_loss is not None:
                     bar.write(f"step {step}: val loss {val_loss:.4f}")
             out_of_time = cfg.max_time is not None and time.perf_counter() - start > cfg.max_time
-            if stop.requested or out_of_time:
+            if should_stop(stop.requested or out_of_time, info):
                 stopped_early = True
                 save("interrupted" if stop.requested else "time limit")
                 break
             if last or (cfg.save_interval and step % cfg.save_interval == 0):
                 save("end" if last else "interval")
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return LoopResult(step=step, tokens=tokens, train_loss=losses[-1] if losses else None,
                       val_loss=val_loss, stopped_early=stopped_early,
                       seconds=time.perf_counter() - start, losses=losses)
+
+
+def should_stop(local: bool, info: distributed.DistInfo) -> bool:
+    """Stop together: one rank's Ctrl-C or time limit stops all of them at the same step."""
+    if not info.enabled:
+        return local
+    return bool(distributed.total(torch.tensor(float(local)), info).item() > 0)
+
+
+def adjust_accumulation(cfg: TrainConfig, state: dict[str, Any], info: distributed.DistInfo,
+                        progress: bool) -> None:
+    """Keep the global batch when resuming with another number of processes."""
+    saved_world = int(state.get("world_size", 1))
+    if saved_world == info.world_size:
+        return
+    global_micro = saved_world * int(state.get("grad_accum", cfg.grad_accum))
+    if global_micro % info.world_size:
+        raise GptkitError(f"The checkpoint was written by {saved_world} processes with grad-accum "
+                          f"{state.get('grad_accum')}; {info.world_size} processes cannot keep that "
+                          "global batch. Use a world size that divides it.")
+    cfg.grad_accum = global_micro // info.world_size
+    if progress:
+        print(f"resuming a {saved_world}-process run on {info.world_size}: grad-accum set to "
+              f"{cfg.grad_accum} to keep the global batch.", file=sys.stderr)
 
 
 # -- pretraining ------------------------------------------------------------------------
@@ -337,6 +433,15 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
 
 def train(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     """`gptkit train`: pretrain on a prepared data directory, writing a run directory."""
+
+    info = distributed.init(cfg.device)
+    try:
+        return _pretrain(cfg, info, progress and info.is_main)
+    finally:
+        distributed.shutdown(info)
+
+
+def _pretrain(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> LoopResult:
     from gptkit.data import TokenBatches, iter_eval_batches, load_meta, load_tokens
     from gptkit.tokenizer import Tokenizer
 
@@ -359,10 +464,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     block_size = cfg.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise GptkitError(f"--block-size {block_size} is larger than the model's context ({model.config.block_size}).")
-    device = pick_device(cfg.device)
+    device = distributed.device_for(info, pick_device(cfg.device))
     train_tokens = load_tokens(data_dir, "train")
     val_tokens = load_tokens(data_dir, "val")
-    batches = TokenBatches(train_tokens, block_size, cfg.batch_size, cfg.seed, device=str(device))
+    batches = TokenBatches(train_tokens, block_size, cfg.batch_size, cfg.seed, rank=info.rank,
+                           world_size=info.world_size, device=str(device))
     eval_batches = None
     if len(val_tokens) > block_size:
         def eval_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -370,15 +476,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     elif progress:
         print(f"note: {data_dir} has too little validation data for block size {block_size}; "
               "skipping evaluation.", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(info)
     if progress:
         n = model.num_params()
         print(f"model: {model.config.n_layer} layers, {model.config.n_head} heads, "
               f"{model.config.n_embd} wide, context {model.config.block_size}, {n / 1e6:.2f}M parameters; "
               f"{cfg.batch_size * cfg.grad_accum * block_size:,} tokens per step", file=sys.stderr)
     return run_loop(model, cfg, batches, eval_batches, run_dir,
-                    save_extra=tokenizer_files(tokenizer),
-                    progress=progress)
+                    save_extra=tokenizer_files(tokenizer), progress=progress, info=info)
 
 
 def check_tokenizer(model_dir: str | Path | None, meta: dict[str, Any]) -> None:
