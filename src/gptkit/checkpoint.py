@@ -63,12 +63,16 @@ def commit_files(directory: str | Path, writers: dict[str, Callable[[Path], None
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    for name, write in writers.items():
-        write(staging / name)
-        with open(staging / name, "rb") as f:
-            os.fsync(f.fileno())
-    (staging / COMPLETE_MARKER).write_text(json.dumps(sorted(writers)))
-    _fsync_dir(staging)
+    try:
+        for name, write in writers.items():
+            write(staging / name)
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        (staging / COMPLETE_MARKER).write_text(json.dumps(sorted(writers)))
+        _fsync_dir(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # free the space a failed write took
+        raise
     recover(directory)
 
 

@@ -226,13 +226,18 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state (under torchrun)
+    max_bad_steps: int = 5  # consecutive NaN/inf steps (each skipped) before training stops
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "gptkit"
     resume: bool = False
     init_from: str | None = None
     max_time: float | None = None  # seconds; stop (and save) when exceeded
     extra: dict[str, Any] = field(default_factory=dict)  # settings of callers (e.g. fine-tuning)
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accum", "max_steps", "eval_steps", "log_interval")
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_steps", "log_interval",
+                    "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise GptkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected at least 1.")
