@@ -56,9 +56,9 @@ def test_two_processes_match_one_with_accumulation(char_data, single, tmp_path, 
     assert losses(out) == pytest.approx(losses(single), abs=1e-5)
     assert val_losses(out) == pytest.approx(val_losses(single), abs=1e-5)
     # rank 0 alone wrote: one metrics file, one checkpoint, no stray per-rank files
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.json", "generation_config.json", "loss.png", "metrics.jsonl",
-                     "model.safetensors",
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert names == ["config.json", "generation_config.json", "gptkit_manifest.json", "loss.png",
+                     "metrics.jsonl", "model.safetensors",
                      "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
                      "train_config.json", "train_state.pt"]
     # the gathered checkpoint is an ordinary model directory with the same weights

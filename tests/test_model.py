@@ -138,6 +138,9 @@ def test_truncated_weights_are_refused(model, tmp_path):
     model.save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
+    with pytest.raises(GptkitError, match="model.safetensors is damaged"):
+        GPT.from_pretrained(tmp_path)  # caught by the manifest's size
+    (tmp_path / "gptkit_manifest.json").unlink()  # as in a directory copied without it
     with pytest.raises(GptkitError, match="corrupted or truncated"):
         GPT.from_pretrained(tmp_path)
 

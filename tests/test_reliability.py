@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gptkit import GPT, GPTConfig, GptkitError
-from gptkit.checkpoint import recover
+from gptkit.checkpoint import _fingerprint, recover
 from gptkit.config import TrainConfig
 from gptkit.runlog import read_metrics
 from gptkit.train import load_train_state, train
@@ -81,6 +81,27 @@ def test_sigkill_anywhere_then_resume_gives_bitwise_equal_weights(char_data, tmp
     ref_losses = [m["loss"] for m in read_metrics(reference / "metrics.jsonl") if "loss" in m]
     run_losses = [m["loss"] for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
     assert run_losses == ref_losses
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(char_data), out=str(run), max_steps=10, save_interval=5, **TINY),
+          progress=False)
+    weights = run / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # a flipped bit: same size, different hash
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="damaged.*fell back to the previous checkpoint"):
+        assert load_train_state(run)["step"] == 5
+    assert assert_readable(run) == 5
+
+
+def test_damaged_checkpoint_without_previous_is_an_error(char_data, tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(char_data), out=str(run), max_steps=3, **TINY), progress=False)
+    (run / "train_state.pt").write_bytes(b"truncated")
+    with pytest.raises(GptkitError, match="train_state.pt is damaged"):
+        load_train_state(run)
 
 
 # -- non-finite losses --------------------------------------------------------------------
@@ -182,6 +203,10 @@ def test_planted_pickle_is_refused_without_running(char_data, tmp_path):
     train(TrainConfig(data=str(char_data), out=str(run), max_steps=2, **TINY), progress=False)
     marker = tmp_path / "pwned"
     (run / "train_state.pt").write_bytes(pickle.dumps({"step": Payload(marker)}))
+    # the attacker also controls the manifest, so only the unpickler stands in the way
+    manifest = json.loads((run / "gptkit_manifest.json").read_text())
+    manifest["train_state.pt"] = _fingerprint(run / "train_state.pt")
+    (run / "gptkit_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(GptkitError, match="not a loadable training state"):
         train(TrainConfig(data=str(char_data), out=str(run), max_steps=4, resume=True, **TINY),
               progress=False)

@@ -5,16 +5,20 @@ Face GPT-2 directory (config.json, model.safetensors, generation_config.json, pl
 tokenizer files), so `transformers` opens ours and we open theirs.
 
 Crash safety: a checkpoint is several files that must change together. `commit_files`
-writes them all into a staging folder, marks it complete, then renames each into place;
+writes them all into a staging folder with a manifest of sizes and SHA-256 hashes, marks
+it complete, then renames each into place, keeping the files it replaces in `.previous/`;
 `recover` rolls a complete staging folder forward and discards an incomplete one, so a
-kill at any moment leaves the previous checkpoint (or the new one) whole.
+kill at any moment leaves the previous checkpoint (or the new one) whole. `ensure_intact`
+checks a directory against its manifest and falls back to `.previous/` when it is damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,9 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 STAGING = ".staging"
+PREVIOUS = ".previous"
 COMPLETE_MARKER = "COMPLETE"
+MANIFEST_NAME = "gptkit_manifest.json"
 
 # GPT-2 stores these as Conv1D weights (in, out); our nn.Linear holds (out, in).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -68,7 +74,8 @@ def commit_files(directory: str | Path, writers: dict[str, Callable[[Path], None
             write(staging / name)
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        (staging / COMPLETE_MARKER).write_text(json.dumps(sorted(writers)))
+        write_json(staging / MANIFEST_NAME, {name: _fingerprint(staging / name) for name in writers})
+        (staging / COMPLETE_MARKER).write_text(json.dumps(sorted([*writers, MANIFEST_NAME])))
         _fsync_dir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # free the space a failed write took
@@ -84,11 +91,78 @@ def recover(directory: str | Path) -> None:
         return
     marker = staging / COMPLETE_MARKER
     if marker.exists():
+        keep = directory / (PREVIOUS + ".new")
+        keep.mkdir(exist_ok=True)
         for name in json.loads(marker.read_text()):
-            if (staging / name).exists():  # absent when moved before the crash
-                os.replace(staging / name, directory / name)
+            if not (staging / name).exists():  # moved into place before the crash
+                continue
+            if (directory / name).exists() and not (keep / name).exists():
+                _link_or_copy(directory / name, keep / name)  # the old version survives
+            os.replace(staging / name, directory / name)
         _fsync_dir(directory)
+        shutil.rmtree(directory / PREVIOUS, ignore_errors=True)
+        os.replace(keep, directory / PREVIOUS)
     shutil.rmtree(staging)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # file systems without hard links
+        shutil.copy2(source, target)
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def damaged_file(directory: Path, hashes: bool = True, only: tuple[str, ...] | None = None
+                 ) -> str | None:
+    """The first file that disagrees with the directory's manifest (None: all intact).
+
+    Without `hashes` only sizes are compared, which is instant even for large weights;
+    `only` limits the check to some files. A directory without a manifest (e.g. written
+    by transformers) counts as intact.
+    """
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return MANIFEST_NAME
+    for name, expected in manifest.items():
+        if only is not None and name not in only:
+            continue
+        path = directory / name
+        if not path.exists() or path.stat().st_size != expected.get("bytes"):
+            return name
+        if hashes and _fingerprint(path)["sha256"] != expected.get("sha256"):
+            return name
+    return None
+
+
+def ensure_intact(directory: str | Path, hashes: bool = True,
+                  only: tuple[str, ...] | None = None) -> None:
+    """Check a checkpoint against its manifest; on damage, restore the previous one (warning)."""
+    directory = Path(directory)
+    recover(directory)
+    bad = damaged_file(directory, hashes, only)
+    if bad is None:
+        return
+    previous = directory / PREVIOUS
+    if previous.exists() and damaged_file(previous) is None and (previous / MANIFEST_NAME).exists():
+        for path in previous.iterdir():
+            shutil.copy2(path, directory / path.name)
+        warnings.warn(f"{directory / bad} is damaged (it does not match {MANIFEST_NAME}); "
+                      "fell back to the previous checkpoint.", stacklevel=2)
+        return
+    raise GptkitError(f"{directory / bad} is damaged (it does not match {MANIFEST_NAME}) and no "
+                      "intact previous checkpoint exists.")
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -178,7 +252,8 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
     """A local model directory, downloading a hub name such as 'gpt2' when needed."""
     path = Path(name_or_dir)
     if path.is_dir():
-        recover(path)
+        # weights only, by size: users may edit config.json by hand
+        ensure_intact(path, hashes=False, only=(WEIGHTS_NAME,))
         if not (path / CONFIG_NAME).exists():
             raise GptkitError(
                 f"'{path}' is not a model directory: it has no {CONFIG_NAME} "

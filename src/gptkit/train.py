@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from gptkit import distributed
-from gptkit.checkpoint import recover, save_model, write_json
+from gptkit.checkpoint import ensure_intact, recover, save_model, write_json
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
@@ -185,7 +185,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def load_train_state(run_dir: Path) -> dict[str, Any]:
     """The resumable state of a run; refuses anything but plain tensors and containers."""
-    recover(run_dir)
+    ensure_intact(run_dir)
     path = run_dir / STATE_NAME
     if not path.exists():
         raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); "

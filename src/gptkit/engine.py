@@ -1,0 +1,378 @@
+"""Continuous batching: concurrent requests share every forward pass of one model.
+
+The engine owns a fixed pool of `max_batch_size` rows over one static KV cache (row r of
+the cache belongs to whichever request sits in row r). A scheduler thread repeats:
+
+1. drop cancelled requests and admit queued ones into free rows (lowest row first, so
+   the batch stays a short prefix of the pool);
+2. prefill joining prompts in chunks of at most `prefill_chunk` tokens per step, so a
+   long prompt never stalls the rows that are already decoding;
+3. run ONE decode step for all decoding rows, each at its own cache position
+   (per-row `input_pos`, position ids and masks), and sample each row with its own
+   request's settings and seeded generator;
+4. stream text to each request's `sink` and free the row at eos, a stop string, the
+   length limit or a cancel; the next queued request joins at the next step.
+
+The model runs only in that thread, so an asyncio server calling `submit` never blocks
+on model work. Rows decode exactly as they would alone (masks hide other requests and
+stale cache slots), so greedy output equals `gptkit.generate.generate`.
+
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    engine.start()
+    engine.submit([GenerationRequest(tokenizer.encode("Hello"), 20, sink=print)])
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gptkit.generate import Sampling, TextCodec, _partial_stop, decode_step, sample_next
+from gptkit.model import GPT, KVCache
+
+log = logging.getLogger(__name__)
+
+# Finish reasons, as OpenAI names them.
+STOP, LENGTH = "stop", "length"
+
+
+class QueueFull(Exception):
+    """The waiting queue cannot take these requests now; the caller should retry later."""
+
+
+@dataclass
+class TokenLogprob:
+    """One token's text, log-probability and the most likely alternatives (text -> logprob)."""
+
+    token: str
+    logprob: float | None
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Event:
+    """What one scheduler step produced for a request.
+
+    `text` is new printable text (possibly empty while a character or a possible stop
+    string is incomplete). The last event has `finish_reason` ("stop", "length") or
+    `error`, and `completion_tokens`, the number of tokens generated.
+    """
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    completion_tokens: int = 0
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """One sequence to generate; fields are validated by the caller (the server).
+
+    `temperature` 0 is greedy. `logprobs` asks for the chosen tokens' log-probabilities
+    and that many alternatives (None: none); `echo_logprobs` adds the prompt's tokens.
+    Penalties follow OpenAI: a token's logit drops by `frequency_penalty` per earlier
+    occurrence in the output and by `presence_penalty` once it has occurred.
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    sink: Callable[[Event], None]
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    logprobs: int | None = None
+    echo_logprobs: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    cancelled: bool = field(default=False, init=False)
+
+    def cancel(self) -> None:
+        """Drop the request (the client left); its row is freed before the next step."""
+        self.cancelled = True
+
+
+class _Row:
+    """A request's place in the batch: its progress through the prompt and the output."""
+
+    def __init__(self, request: GenerationRequest, device: torch.device, vocab_size: int) -> None:
+        self.request = request
+        self.filled = 0  # prompt tokens already in the cache
+        self.pos = 0  # cache slot (= position) of the newest token, once decoding
+        self.last = 0  # newest sampled token, fed to the next decode step
+        self.generated: list[int] = []  # output tokens, eos excluded
+        self.count = 0  # tokens sampled, eos included
+        self.sent = 0  # characters of decode(generated) already sent
+        generator = torch.Generator(device=device)
+        if request.seed is None:
+            generator.seed()  # a fresh unseeded Generator would always start from one seed
+        else:
+            generator.manual_seed(request.seed)
+        greedy = request.temperature == 0
+        self.sampling = Sampling(do_sample=not greedy, temperature=request.temperature,
+                                 top_p=request.top_p, generator=generator)
+        penalized = request.presence_penalty or request.frequency_penalty
+        self.counts = torch.zeros(vocab_size, device=device) if penalized else None
+        self.plain_greedy = greedy and self.counts is None
+
+    @property
+    def decoding(self) -> bool:
+        return self.filled == len(self.request.prompt)
+
+
+class Engine:
+    """A continuous-batching generation engine for one model (see the module docstring)."""
+
+    def __init__(self, model: GPT, tokenizer: TextCodec, *, max_batch_size: int = 8,
+                 max_queue: int = 64, prefill_chunk: int = 256,
+                 eos_token_id: int | None = None) -> None:
+        if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.context = model.config.block_size
+        eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
+        if eos is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos = {eos} if eos is not None else set()
+        self.device = model.transformer.wte.weight.device
+        self._rows: list[_Row | None] = [None] * max_batch_size
+        self._queue: deque[GenerationRequest] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.completed = 0
+        self.cancelled = 0
+        self.decode_steps = 0
+        with torch.inference_mode():
+            model.setup_cache(max_batch_size, self.context)
+            # causal[i] = which cache slots a token at slot i may attend to
+            self._causal = torch.ones(self.context, self.context, dtype=torch.bool,
+                                      device=self.device).tril()
+            self._slots = torch.arange(self.context, device=self.device)
+        self._full_caches = [block.attn.kv_cache for block in model.transformer.h]
+        self._views: dict[tuple[int, int], list[KVCache]] = {}
+
+    # -- the public, thread-safe side ------------------------------------------------
+
+    def start(self) -> None:
+        """Start the scheduler thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the scheduler; requests still queued or running end with an error event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for request in [*self._queue, *(row.request for row in self._rows if row)]:
+            _send(request, Event(error="the server is shutting down"))
+        self._queue.clear()
+        self._rows = [None] * self.max_batch_size
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> None:
+        """Queue requests together (all or none); raise `QueueFull` when they do not fit."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the engine is shutting down")
+            if len(self._queue) + len(requests) > self.max_queue + self._free_rows():
+                raise QueueFull(f"{len(self._queue)} requests are already waiting")
+            self._queue.extend(requests)
+            self._cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        """Rows in use, requests waiting, requests completed or cancelled, decode steps run."""
+        with self._cond:
+            return {"active": sum(row is not None for row in self._rows),
+                    "queued": len(self._queue), "max_batch_size": self.max_batch_size,
+                    "completed": self.completed, "cancelled": self.cancelled,
+                    "decode_steps": self.decode_steps}
+
+    def _free_rows(self) -> int:
+        # Requests that a free row will take at the next step are not really waiting.
+        return sum(row is None for row in self._rows)
+
+    # -- the scheduler thread --------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._queue and not any(self._rows):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._admit()
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # a bug or out of memory: fail this batch, keep serving
+                log.exception("generation step failed")
+                for index, row in enumerate(self._rows):
+                    if row is not None:
+                        self._finish(index, Event(error=f"generation failed: {exc}"))
+
+    def _admit(self) -> None:
+        """Free the rows of cancelled requests and move queued requests into free rows."""
+        for index, row in enumerate(self._rows):
+            if row is not None and row.request.cancelled:
+                self._rows[index] = None
+                self.cancelled += 1
+        while self._queue and None in self._rows:
+            request = self._queue.popleft()
+            if request.cancelled:
+                self.cancelled += 1
+                continue
+            self._rows[self._rows.index(None)] = _Row(request, self.device,
+                                                      self.model.config.vocab_size)
+
+    def _step(self) -> None:
+        budget = self.prefill_chunk
+        for index, row in enumerate(self._rows):
+            if row is not None and not row.decoding and budget > 0:
+                budget -= self._prefill(index, row, budget)
+        live = [i for i, row in enumerate(self._rows) if row is not None and row.decoding]
+        if live:
+            self._decode(live[-1] + 1)
+
+    def _use_rows(self, start: int, stop: int) -> None:
+        """Point every layer at rows start..stop-1 of the cache (views share its memory)."""
+        views = self._views.get((start, stop))
+        if views is None:
+            views = []
+            for full in self._full_caches:
+                view = KVCache(1, 1, 1, 1, full.k.dtype, full.k.device)
+                view.k, view.v = full.k[start:stop], full.v[start:stop]
+                views.append(view)
+            self._views[(start, stop)] = views
+        for block, view in zip(self.model.transformer.h, views, strict=True):
+            block.attn.kv_cache = view
+
+    def _prefill(self, index: int, row: _Row, budget: int) -> int:
+        """Put the next chunk of a joining prompt into its row; returns tokens used."""
+        request = row.request
+        start = row.filled
+        # Echo with logprobs scores every prompt token, so that prompt goes in one piece.
+        stop = (len(request.prompt) if request.echo_logprobs
+                else min(len(request.prompt), start + budget))
+        self._use_rows(index, index + 1)
+        slots = self._slots[start:stop]
+        ids = torch.tensor([request.prompt[start:stop]], device=self.device)
+        logits = self.model(ids, position_ids=slots[None], input_pos=slots,
+                            attn_mask=self._causal[start:stop][None, None])[0]  # (T, V)
+        row.filled = stop
+        if request.echo_logprobs:
+            self._send_prompt_logprobs(row, logits)
+        if row.decoding:
+            row.pos = stop
+            self._take(index, row, logits[-1], None)
+        return stop - start
+
+    def _decode(self, rows: int) -> None:
+        """One token for every decoding row among the first `rows`, in one forward pass.
+
+        Rows in that range that are free or still prefilling ride along writing token 0
+        into a slot their own prefill overwrites later, so the batch keeps one shape.
+        """
+        tokens, pos = [], []
+        for row in self._rows[:rows]:
+            live = row is not None and row.decoding
+            tokens.append(row.last if live else 0)
+            pos.append(row.pos if live else (row.filled if row else 0))
+        tokens_t = torch.tensor(tokens, device=self.device)[:, None]
+        pos_t = torch.tensor(pos, device=self.device)[:, None]
+        self._use_rows(0, rows)
+        logits = decode_step(self.model, tokens_t, pos_t, pos_t, self._causal[pos_t][:, None])
+        self.decode_steps += 1
+        greedy = logits.argmax(-1).tolist()
+        for index, row in enumerate(self._rows[:rows]):
+            if row is not None and row.decoding and not row.request.cancelled:
+                row.pos += 1
+                self._take(index, row, logits[index], greedy[index])
+
+    def _take(self, index: int, row: _Row, logits: torch.Tensor, greedy: int | None) -> None:
+        """Sample the row's next token from its logits (V,), then send the text it adds."""
+        request = row.request
+        if row.plain_greedy and greedy is not None:
+            token = greedy
+        else:
+            if row.counts is not None:
+                logits = (logits.float() - row.counts * request.frequency_penalty
+                          - (row.counts > 0).float() * request.presence_penalty)
+            token = int(sample_next(logits[None], row.sampling)[0])
+        row.last, row.count = token, row.count + 1
+        if row.counts is not None:
+            row.counts[token] += 1
+        if token in self.eos:
+            self._finish(index, Event(finish_reason=STOP, completion_tokens=row.count))
+            return
+        row.generated.append(token)
+        event = Event(logprobs=self._logprobs(logits, [token], request.logprobs))
+        text = self.tokenizer.decode(row.generated)
+        stops = [i for s in request.stop if (i := text.find(s, row.sent)) >= 0]
+        if stops:
+            event.text, event.finish_reason = text[row.sent:min(stops)], STOP
+        elif row.count >= request.max_new_tokens or row.pos + 1 >= self.context:
+            event.text, event.finish_reason = text[row.sent:], LENGTH
+        else:
+            # Hold back a trailing U+FFFD (a character whose other bytes are still to
+            # come) and text that may be the start of a stop string.
+            whole = text[:len(text) - text.endswith("\ufffd")]
+            ready = len(whole) - _partial_stop(whole, list(request.stop))
+            event.text = text[row.sent:ready] if ready > row.sent else ""
+            row.sent = max(row.sent, ready)
+        if event.finish_reason is not None:
+            event.completion_tokens = row.count
+            self._finish(index, event)
+        else:
+            _send(request, event)
+
+    def _finish(self, index: int, event: Event) -> None:
+        request = self._rows[index].request
+        self._rows[index] = None
+        self.completed += 1
+        _send(request, event)
+
+    def _logprobs(self, logits: torch.Tensor, tokens: list[int], top: int | None
+                  ) -> list[TokenLogprob]:
+        """Log-probabilities of `tokens` under logits (len(tokens), V) or (V,)."""
+        if top is None or not tokens:
+            return []
+        logp = logits.float().reshape(len(tokens), -1).log_softmax(-1)
+        out = []
+        for dist, token in zip(logp, tokens, strict=True):
+            alternatives = {}
+            if top:
+                values, ids = dist.topk(min(top, dist.numel()))
+                alternatives = {self.tokenizer.decode([i]): v
+                                for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
+            out.append(TokenLogprob(self.tokenizer.decode([token]), float(dist[token]),
+                                    alternatives))
+        return out
+
+    def _send_prompt_logprobs(self, row: _Row, logits: torch.Tensor) -> None:
+        """Echo: prompt token i is scored by the logits (T, V) at position i - 1."""
+        prompt = row.request.prompt
+        entries = [TokenLogprob(self.tokenizer.decode(prompt[:1]), None)]
+        entries += self._logprobs(logits[:-1], prompt[1:], row.request.logprobs or 0)
+        _send(row.request, Event(logprobs=entries))
+
+
+def _send(request: GenerationRequest, event: Event) -> None:
+    """Hand an event to the request's sink; a sink that fails (its client is gone) cancels."""
+    try:
+        request.sink(event)
+    except Exception:
+        request.cancel()

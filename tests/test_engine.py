@@ -1,0 +1,135 @@
+"""The continuous-batching engine on its own: rows join and leave between steps, chunked
+prefill, per-request sampling and seeds, eos, queue limits, cancellation."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+from serve_helpers import TEXT, make_model_dir, offline
+
+from gptkit.engine import Engine, GenerationRequest, QueueFull
+from gptkit.generate import generate
+from gptkit.inference import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("engine") / "tiny", block_size=128)
+
+
+@pytest.fixture
+def loaded(model_dir):
+    return load_for_inference(model_dir, "cpu")  # a fresh copy: an engine owns its model
+
+
+def request(tokenizer, prompt, max_new, **kwargs):
+    inbox: queue.Queue = queue.Queue()
+    return GenerationRequest(tokenizer.encode(prompt), max_new, inbox.put, **kwargs), inbox
+
+
+def collect(inbox) -> tuple[str, str | None, int]:
+    text = ""
+    while True:
+        event = inbox.get(timeout=60)
+        text += event.text
+        if event.finish_reason or event.error:
+            return text, event.finish_reason or event.error, event.completion_tokens
+
+
+def test_rows_join_and_leave_and_match_offline_greedy(loaded, model_dir):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch_size=3, max_queue=16, prefill_chunk=4)
+    prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(10)]  # prompts of 3 to 18 tokens
+    lengths = [5 + 7 * (i % 3) for i in range(10)]  # requests end at different steps
+    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
+    engine.submit([r for r, _ in pairs])
+    engine.start()
+    try:
+        results = [collect(inbox) for _, inbox in pairs]
+    finally:
+        engine.close()
+    assert results == [(offline(model_dir, p, n), "length", n) for p, n in zip(prompts, lengths, strict=True)]
+    stats = engine.stats()
+    assert stats["completed"] == 10 and stats["active"] == stats["queued"] == 0
+    assert stats["decode_steps"] < sum(lengths) * 0.5  # rows really shared forward passes
+
+
+def test_each_request_samples_with_its_own_seed(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode("hello", return_tensors="pt")
+    reference = generate(model, ids, max_new_tokens=20, do_sample=True, temperature=1.3,
+                         top_p=0.9, seed=11, tokenizer=tokenizer)
+    expected = tokenizer.decode(reference[0, ids.size(1):].tolist())
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    engine.start()
+    try:
+        pairs = [request(tokenizer, "hello", 20, temperature=1.3, top_p=0.9, seed=11),
+                 request(tokenizer, "hello", 20, temperature=0),
+                 request(tokenizer, "hello", 20, temperature=1.3, top_p=0.9, seed=11),
+                 request(tokenizer, "hello", 20, temperature=1.3, seed=12)]
+        engine.submit([r for r, _ in pairs])
+        texts = [collect(inbox)[0] for _, inbox in pairs]
+    finally:
+        engine.close()
+    assert texts[0] == texts[2] == expected  # same seed, same text, whatever shares the batch
+    assert texts[3] != texts[0]
+
+
+def test_eos_ends_a_request_without_text(loaded, model_dir):
+    model, tokenizer = loaded
+    first = tokenizer.encode(offline(model_dir, "fox", 1))[0]
+    engine = Engine(model, tokenizer, eos_token_id=first)  # the next token will be "eos"
+    engine.start()
+    try:
+        req, inbox = request(tokenizer, "fox", 10, temperature=0)
+        engine.submit([req])
+        assert collect(inbox) == ("", "stop", 1)
+    finally:
+        engine.close()
+
+
+def test_queue_limit_and_cancel(loaded):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch_size=1, max_queue=2)  # not started yet
+    pairs = [request(tokenizer, "abc", 5, temperature=0) for _ in range(4)]
+    engine.submit([r for r, _ in pairs[:2]])
+    with pytest.raises(QueueFull):
+        engine.submit([r for r, _ in pairs[2:]])  # all or none: 1 row + 2 queue places
+    engine.submit([pairs[2][0]])
+    pairs[1][0].cancel()
+    engine.start()
+    try:
+        assert collect(pairs[0][1])[1] == "length" and collect(pairs[2][1])[1] == "length"
+        assert pairs[1][1].empty()
+        assert engine.stats()["cancelled"] == 1
+    finally:
+        engine.close()
+
+
+def test_a_failing_sink_cancels_only_its_request(loaded):
+    model, tokenizer = loaded
+
+    def broken(event):
+        raise RuntimeError("client gone")
+
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    engine.start()
+    try:
+        good, inbox = request(tokenizer, "hello", 30, temperature=0)
+        engine.submit([GenerationRequest(tokenizer.encode("fox"), 30, broken), good])
+        assert collect(inbox)[1] == "length"
+        assert engine.stats()["cancelled"] == 1
+    finally:
+        engine.close()
+
+
+def test_close_fails_waiting_requests(loaded):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    req, inbox = request(tokenizer, "abc", 5)
+    engine.submit([req])
+    engine.close()
+    assert "shutting down" in collect(inbox)[1]
+    with pytest.raises(QueueFull):
+        engine.submit([req])

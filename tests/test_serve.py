@@ -1,0 +1,267 @@
+"""The HTTP server against a live uvicorn on 127.0.0.1: the official `openai` client,
+greedy parity with offline generation, 64 concurrent requests, every error case."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+from serve_helpers import free_port, live_server, make_model_dir, offline
+
+PROMPTS = ["the quick", "hello", "lazy dog. hel", "0123", "fox", "over the la", "w", "brown ;"]
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("serve") / MODEL)
+
+
+@pytest.fixture(scope="module")
+def url(model_dir):
+    with live_server(model_dir, max_batch_size=8, max_queue=128) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_completions_match_offline_generate(client, model_dir):
+    result = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=24,
+                                       temperature=0)
+    assert [c.text for c in result.choices] == [offline(model_dir, p, 24) for p in PROMPTS[:3]]
+    assert all(c.finish_reason == "length" for c in result.choices)
+    assert result.usage.completion_tokens == 72
+    assert result.usage.prompt_tokens == sum(len(p) for p in PROMPTS[:3])
+    assert client.models.list().data[0].id == MODEL
+
+
+def test_streaming_equals_whole_and_reports_usage(client, model_dir):
+    chunks = list(client.completions.create(model=MODEL, prompt="hello", max_tokens=30,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == offline(model_dir, "hello", 30)
+    assert len(chunks) > 5  # pieces arrive as they are generated
+    assert chunks[-1].usage.completion_tokens == 30
+
+
+def test_chat_uses_the_plain_template(client, model_dir):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    reference = offline(model_dir, "be brief\n\nUser: hi\nAssistant:", 40, stop="\nUser:")
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
+                                           temperature=0)
+    assert whole.choices[0].message.content == reference
+    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == reference
+
+
+def test_stop_strings_end_the_text(client, model_dir):
+    reference = offline(model_dir, "the quick", 40)
+    stop = reference[10:13]
+    expected = reference[:reference.index(stop)]
+    whole = client.completions.create(model=MODEL, prompt="the quick", max_tokens=40,
+                                      temperature=0, stop=[stop, "@@"])
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
+    streamed = client.completions.create(model=MODEL, prompt="the quick", max_tokens=40,
+                                         temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_n_seed_logprobs_and_echo(client):
+    def sample(seed):
+        return [c.text for c in client.completions.create(
+            model=MODEL, prompt="fox", max_tokens=20, n=3, temperature=1.0, seed=seed).choices]
+
+    first = sample(7)
+    assert len(first) == 3 and first == sample(7) and len(set(first)) > 1
+    result = client.completions.create(model=MODEL, prompt="fox", max_tokens=5, temperature=0,
+                                       logprobs=2, echo=True)
+    choice = result.choices[0]
+    assert choice.text.startswith("fox") and len(choice.text) == 8
+    assert choice.logprobs.tokens == list(choice.text)
+    assert choice.logprobs.token_logprobs[0] is None
+    assert all(len(top) == 2 for top in choice.logprobs.top_logprobs[1:])
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=4, logprobs=True, top_logprobs=3,
+                                          presence_penalty=1.0, frequency_penalty=0.5)
+    assert [len(t.top_logprobs) for t in chat.choices[0].logprobs.content] == [3] * 4
+
+
+def test_64_concurrent_requests(url, model_dir):
+    expected = {p: offline(model_dir, p, 20) for p in PROMPTS}
+
+    async def one(http, i):
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": 0,
+                "stream": i % 2 == 1}
+        if not body["stream"]:
+            response = await http.post("/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            return prompt, response.json()["choices"][0]["text"]
+        text = ""
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return prompt, text
+
+    async def run():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+            return await asyncio.gather(*(one(http, i) for i in range(64)))
+
+    results = asyncio.run(run())
+    assert all(text == expected[prompt] for prompt, text in results)
+
+
+ERRORS = [
+    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "a", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "a", "max_tokens": 10**6}, 400, "max_tokens"),
+    ({"prompt": "a" * 200, "max_tokens": 100}, 400, "max_tokens"),  # beyond the context
+    ({"prompt": "a", "n": 10**9}, 400, "n"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "a", "logprobs": 10}, 400, "logprobs"),
+    ({"prompt": "a", "seed": 1.5}, 400, "seed"),
+    ({"prompt": "a", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "a", "temprature": 1}, 400, "temprature"),
+    ({"prompt": "a", "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": {"text": "a"}}, 400, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, 400, "prompt"),
+    ({"prompt": "a" * 5000}, 400, "prompt"),  # a token bomb within the body limit
+    ({"prompt": "\ud800"}, 400, "prompt"),  # a lone surrogate has no UTF-8 bytes
+    ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
+]
+
+
+def test_error_cases_do_not_disturb_requests_in_flight(url, model_dir):
+    """Every bad request gets OpenAI's error JSON naming the field; a stream going on at the
+    same time finishes with the right text."""
+    streamed = []
+
+    def long_stream():
+        body = {"prompt": "hello", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            streamed.extend(json.loads(line[6:])["choices"][0]["text"]
+                            for line in response.iter_lines() if line.startswith("data: {"))
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for body, status, param in ERRORS:
+            response = http.post("/v1/completions", content=json.dumps(body))  # \ud800 escaped
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and param in error["message"], error
+        chat_errors = [
+            ({"messages": []}, "messages"),
+            ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+            ({"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0].name"),
+            ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+            ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+            ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+        ]
+        for body, param in chat_errors:
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param
+        raw_errors = [
+            (b'{"prompt": "a",', 400, "not valid JSON"),
+            (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
+            (b'{"prompt": "a", "temperature": NaN}', 400, "temperature"),
+            (b'["prompt"]', 400, "JSON object"),
+            (b"\xff\xfe", 400, "not valid JSON"),
+            (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "larger than"),
+        ]
+        for raw, status, message in raw_errors:
+            response = http.post("/v1/completions", content=raw,
+                                 headers={"content-type": "application/json"})
+            assert response.status_code == status and message in response.json()["error"]["message"]
+        for method, path in (("GET", "/v1/nothing"), ("POST", "/v2/completions")):
+            response = http.request(method, path)
+            assert response.status_code == 404 and "Unknown route" in response.text
+        assert http.get("/v1/completions").status_code == 405
+    thread.join(timeout=120)
+    assert "".join(streamed) == offline(model_dir, "hello", 200)
+
+
+def test_api_key_and_queue_full(model_dir):
+    with live_server(model_dir, api_key="s3cret", max_batch_size=1, max_queue=1) as url:
+        body = {"prompt": "hello", "max_tokens": 150}
+        with httpx.Client(base_url=url, timeout=60) as http:
+            assert http.get("/health").status_code == 200  # open, for load balancers
+            assert http.get("/").status_code == 200
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                response = http.post("/v1/completions", json=body, headers=headers)
+                assert response.status_code == 401
+                assert response.json()["error"]["code"] == "invalid_api_key"
+
+        async def flood():
+            headers = {"Authorization": "Bearer s3cret"}
+            async with httpx.AsyncClient(base_url=url, timeout=120, headers=headers) as http:
+                return await asyncio.gather(*(http.post("/v1/completions", json=body)
+                                              for _ in range(6)))
+
+        responses = asyncio.run(flood())
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses[0] == 200 and statuses[-1] == 429, statuses  # 1 running + 1 queued fit
+        busy = [r for r in responses if r.status_code == 429]
+        assert all(r.headers["retry-after"] == "1" for r in busy)
+        assert busy[0].json()["error"]["type"] == "rate_limit_error"
+        assert set(statuses) == {200, 429}
+
+
+def test_client_disconnect_frees_the_slot(url):
+    def stats():
+        return httpx.get(f"{url}/health").json()
+
+    before = stats()["cancelled"]
+    body = {"prompt": "hello", "max_tokens": 250, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())  # the first piece arrived; now hang up
+    deadline = time.monotonic() + 30
+    while stats()["active"] or stats()["cancelled"] == before:
+        assert time.monotonic() < deadline, stats()
+        time.sleep(0.05)
+    assert stats()["cancelled"] == before + 1
+
+
+def test_cli_serve_warns_prints_url_and_stops_on_sigterm(model_dir):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GPTKIT_API_KEY"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "serve", "--model", str(model_dir), "--host", "0.0.0.0",
+         "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert f":{port}/v1" in line
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "without --api-key" in err and "Traceback" not in err
