@@ -79,10 +79,12 @@ def transformers_step(cfg: dict[str, int], batch: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(
+    config = GPT2Config(
         vocab_size=cfg["vocab_size"], n_positions=cfg["block_size"], n_embd=cfg["n_embd"],
         n_layer=cfg["n_layer"], n_head=cfg["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0), attn_implementation="sdpa")
+        attn_pdrop=0.0)
+    config._attn_implementation = "sdpa"
+    hf = GPT2LMHeadModel(config)
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1, foreach=True)
     x = torch.randint(0, cfg["vocab_size"], (batch, cfg["block_size"]))

@@ -1,0 +1,72 @@
+"""Data preparation speed: `gptkit prepare` against tiktoken and Hugging Face tokenizers.
+
+    python benchmarks/bench_prepare.py [--megabytes 50]
+
+The corpus is ../shared/data/prose/moby_dick.txt repeated to the requested size. Each
+engine encodes the same text with the same vocabulary in the same run: first a
+byte-level BPE of 8192 tokens trained on the text, then the original GPT-2 vocabulary.
+`gptkit prepare` is measured end to end (reading, encoding, writing train.bin/val.bin)
+and reported per core it used, next to tiktoken encoding the text as one string on one
+core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from gptkit.data import prepare
+from gptkit.tokenizer import Tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=float, default=50)
+    args = parser.parse_args()
+    base = (SHARED / "prose" / "moby_dick.txt").read_text(encoding="utf-8")
+    text = base * max(1, int(args.megabytes * 1e6 / len(base.encode())))
+    megabytes = len(text.encode()) / 1e6
+    cores = len(os.sched_getaffinity(0))
+    print(f"corpus: {megabytes:.1f} MB (moby_dick.txt repeated), {cores} cores\n")
+    header = f"{'vocabulary':22} {'engine':34} {'MB/s':>7} {'MB/s per core':>14} {'vs tiktoken':>12}"
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = tmp / "corpus.txt"
+        corpus.write_text(text, encoding="utf-8")
+        trained = Tokenizer.train(texts=[base], vocab_size=8192)
+        trained.save_pretrained(tmp / "trained")
+        for label, tok_dir in (("trained BPE 8192", tmp / "trained"),
+                               ("GPT-2 (50257)", SHARED / "gpt2-tokenizer")):
+            tokenizer = Tokenizer.from_pretrained(tok_dir)
+            encoding = tokenizer._fast  # the engine gptkit uses; None if ids would differ
+            rows = []
+            if encoding is not None:
+                seconds, tik_ids = timed(lambda enc=encoding: enc.encode_ordinary(text))
+                rows.append(("tiktoken, one string, 1 core", megabytes / seconds, 1))
+            seconds, hf_ids = timed(lambda t=tokenizer: t._backend.encode(text).ids)
+            rows.append(("HF tokenizers, one string", megabytes / seconds, 1))
+            if encoding is not None:
+                assert hf_ids == tik_ids, "tiktoken and tokenizers disagree"
+            seconds, _ = timed(lambda d=tok_dir: prepare([corpus], d, tmp / "data", progress=False))
+            rows.append(("gptkit prepare (read+encode+write)", megabytes / seconds, cores))
+            reference = rows[0][1]
+            for engine, rate, used in rows:
+                print(f"{label:22} {engine:34} {rate:7.1f} {rate / used:14.1f} "
+                      f"{(rate / used) / reference:11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
