@@ -1,0 +1,331 @@
+"""The bad-input table: what users get wrong, and the one sentence each mistake earns.
+
+Every case runs for real (CLI in-process through `gptkit.cli.main`, the Python API, the
+HTTP server through its ASGI app) and asserts the message and the exit code or status.
+`docs/errors.md` is rendered from this table; a test keeps the two identical
+(regenerate with `python tests/test_bad_input.py > docs/errors.md`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+
+
+@dataclass(frozen=True)
+class Case:
+    where: str  # "cli", "api" or "http"
+    mistake: str  # what the user did
+    call: Any  # cli: argv (with {tmp}/{model}/{data} placeholders); api: a function; http: request
+    match: str  # regex the message must contain
+    code: int  # CLI exit status, HTTP status, or 0 for a Python exception
+
+
+def write(path: Path, content: str | bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def api_cases() -> list[Case]:
+    from gptkit import GPT, GPTConfig, Tokenizer
+    from gptkit.config import TrainConfig
+    from gptkit.generate import generate
+
+    def tiny(env):
+        return GPT.from_pretrained(env["model"])
+
+    return [
+        Case("api", "GPTConfig whose width is not divisible by the heads",
+             lambda env: GPTConfig(n_embd=30, n_head=4), r"n_embd=30 is not divisible by n_head=4", 0),
+        Case("api", "misspelt config key", lambda env: GPTConfig.from_dict({"n_layers": 2}),
+             r"Unknown key 'n_layers' in model config \(did you mean 'n_layer'\?\)", 0),
+        Case("api", "unknown preset", lambda env: GPTConfig.from_preset("gpt3"),
+             r"Unknown preset 'gpt3'.*expected one of tiny, small", 0),
+        Case("api", "absurd size in config.json (n_layer = 10^9)",
+             lambda env: _edited_config(env, n_layer=10**9), r"'n_layer' is 1000000000", 0),
+        Case("api", "config.json of another architecture",
+             lambda env: _edited_config(env, model_type="llama"), r"GPT-2 models only", 0),
+        Case("api", "weights that disagree with config.json",
+             lambda env: _edited_config(env, n_embd=64, n_head=2), r"has shape .* config.json implies", 0),
+        Case("api", "truncated model.safetensors",
+             lambda env: _truncated_weights(env), r"model.safetensors is damaged", 0),
+        Case("api", "tokenizer.json that does not parse",
+             lambda env: Tokenizer.from_pretrained(_dir_with(env, "tokenizer.json", "{oops")),
+             r"tokenizer.json", 0),
+        Case("api", "a folder that is not a model",
+             lambda env: GPT.from_pretrained(env["tmp"]), r"is not a model directory", 0),
+        Case("api", "text with an unpaired surrogate",
+             lambda env: Tokenizer.from_pretrained(env["model"]).encode("a\ud800b"),
+             r"unpaired surrogate", 0),
+        Case("api", "decoding an id outside the vocabulary",
+             lambda env: Tokenizer.from_pretrained(env["model"]).decode([10**6]), r"10+", 0),
+        Case("api", "negative temperature",
+             lambda env: generate(tiny(env), _ids(), do_sample=True, temperature=-0.5),
+             r"temperature", 0),
+        Case("api", "top_p outside (0, 1]",
+             lambda env: generate(tiny(env), _ids(), do_sample=True, top_p=1.5), r"top_p", 0),
+        Case("api", "repetition_penalty of 0",
+             lambda env: generate(tiny(env), _ids(), repetition_penalty=0.0), r"repetition_penalty", 0),
+        Case("api", "beam search with sampling",
+             lambda env: generate(tiny(env), _ids(), num_beams=2, do_sample=True), r"num_beams", 0),
+        Case("api", "min-lr above lr", lambda env: TrainConfig(lr=1e-4, min_lr=1e-3),
+             r"min-lr", 0),
+    ]
+
+
+def _ids():
+    import torch
+
+    return torch.tensor([[1, 2, 3]])
+
+
+def _dir_with(env, name: str, content: str) -> Path:
+    directory = Path(env["tmp"]) / f"with-{name}"
+    write(directory / name, content)
+    return directory
+
+
+def _copy_model(env, name: str) -> Path:
+    import shutil
+
+    target = Path(env["tmp"]) / name
+    shutil.copytree(env["model"], target)
+    return target
+
+
+def _edited_config(env, **changes):
+    from gptkit import GPT
+
+    directory = _copy_model(env, "edited-" + "-".join(changes))
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+    return GPT.from_pretrained(directory)
+
+
+def _truncated_weights(env):
+    from gptkit import GPT
+
+    directory = _copy_model(env, "truncated")
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return GPT.from_pretrained(directory)
+
+
+CLI_CASES = [
+    Case("cli", "prepare with a path that does not exist",
+         ["prepare", "{tmp}/nowhere", "--tokenizer", "{model}", "--out", "{tmp}/d"], r"does not exist", 2),
+    Case("cli", "prepare an empty corpus",
+         ["prepare", "{tmp}/empty.txt", "--tokenizer", "{model}", "--out", "{tmp}/d"], r"contains no text", 2),
+    Case("cli", "a JSONL line that is not JSON",
+         ["prepare", "{tmp}/broken.jsonl", "--tokenizer", "{model}", "--out", "{tmp}/d"], r"broken.jsonl.*line 2", 2),
+    Case("cli", "a JSONL record without the text field",
+         ["prepare", "{tmp}/nofield.jsonl", "--tokenizer", "{model}", "--out", "{tmp}/d"], r"line 1.*'text'", 2),
+    Case("cli", "a JSONL line that is not an object",
+         ["prepare", "{tmp}/list.jsonl", "--tokenizer", "{model}", "--out", "{tmp}/d"], r"line 1.*object", 2),
+    Case("cli", "a BPE vocabulary smaller than the 256 bytes",
+         ["tokenizer", "train", "{tmp}/text.txt", "--vocab-size", "100", "--out", "{tmp}/t"], r"vocab", 2),
+    Case("cli", "train on a folder that is not prepared data",
+         ["train", "--data", "{tmp}", "--out", "{tmp}/run"], r"not a gptkit data directory", 2),
+    Case("cli", "--resume without a checkpoint",
+         ["train", "--data", "{data}", "--out", "{tmp}/fresh", "--resume"], r"holds no checkpoint", 2),
+    Case("cli", "a misspelt key in the --config file",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--config", "{tmp}/bad.toml"],
+         r"Unknown key 'max_step'.*did you mean 'max_steps'", 2),
+    Case("cli", "a misspelt preset",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--preset", "smal"], r"did you mean 'small'", 2),
+    Case("cli", "a block size beyond the model's context",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--init-from", "{model}", "--block-size", "4096"],
+         r"larger than the context", 2),
+    Case("cli", "a batch size of 0",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--batch-size", "0"], r"--batch-size is 0", 2),
+    Case("cli", "an unknown --dtype",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--dtype", "fp8"], r"--dtype 'fp8' is unknown", 2),
+    Case("cli", "--device cuda on a machine without a GPU",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--device", "cuda"], r"no CUDA GPU", 2),
+    Case("cli", "generate from a folder that is not a model",
+         ["generate", "--model", "{tmp}", "hello"], r"is not a model directory", 2),
+    Case("cli", "temperature below 0", ["generate", "--model", "{model}", "hi", "--temperature", "-1"],
+         r"temperature", 2),
+    Case("cli", "top-p of 0", ["generate", "--model", "{model}", "hi", "--top-p", "0"], r"top_p", 2),
+    Case("cli", "negative top-k", ["generate", "--model", "{model}", "hi", "--top-k", "-3"], r"top_k", 2),
+    Case("cli", "max-new-tokens of 0", ["generate", "--model", "{model}", "hi", "--max-new-tokens", "0"],
+         r"max_new_tokens", 2),
+    Case("cli", "eval on a file that does not exist",
+         ["eval", "--model", "{model}", "--data", "{tmp}/missing.txt"], r"does not exist", 2),
+]
+
+
+HTTP_CASES = [
+    Case("http", "temperature below 0",
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "temperature": -1}), r"temperature", 400),
+    Case("http", "an unknown request field",
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "temprature": 1}), r"temprature", 400),
+    Case("http", "max_tokens of 0",
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "max_tokens": 0}), r"max_tokens", 400),
+    Case("http", "max_tokens beyond the context",
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "max_tokens": 10**6}), r"max_tokens", 400),
+    Case("http", "a prompt of the wrong type",
+         ("POST", "/v1/completions", {"model": "model", "prompt": 42}), r"prompt", 400),
+    Case("http", "a huge n", ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "n": 10**6}), r"\bn\b", 400),
+    Case("http", "malformed JSON", ("POST", "/v1/completions", b"{not json"), r"JSON", 400),
+    Case("http", "deeply nested JSON",
+         ("POST", "/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"), r".", 400),
+    Case("http", "a body over the size limit",
+         ("POST", "/v1/completions", {"model": "model", "prompt": "x" * (2 << 20)}), r"\d", 413),
+    Case("http", "chat messages without content",
+         ("POST", "/v1/chat/completions", {"model": "model", "messages": [{"role": "user"}]}), r"content", 400),
+    Case("http", "an unknown model name",
+         ("POST", "/v1/completions", {"model": "gpt-5", "prompt": "hi"}), r"gpt-5", 404),
+    Case("http", "an unknown route", ("GET", "/v2/nothing", None), r".", 404),
+]
+
+
+def render(messages: dict[tuple[str, str], str]) -> str:
+    """docs/errors.md: every case with the message a run of this file observed."""
+    lines = ["# Errors users meet, and what gptkit says", "",
+             "Every row is a case in `tests/test_bad_input.py`. The CLI exits with status 2 and",
+             "prints one line (`gptkit COMMAND: error: ...`); the Python API raises",
+             "`gptkit.GptkitError` (a `ValueError`) with the same sentence; the server answers in",
+             "OpenAI's error shape (`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`).",
+             "No traceback is shown for any of them. MODEL, DATA and TMP stand for the paths given.",
+             ""]
+    for title, cases, code_name in (("Command line", CLI_CASES, "exit status"),
+                                    ("Python API", api_cases(), None),
+                                    ("HTTP server", HTTP_CASES, "HTTP status")):
+        head = "| mistake | message |" if code_name is None else f"| mistake | {code_name} | message |"
+        lines += [f"## {title}", "", head, "|" + " --- |" * (head.count("|") - 1)]
+        for case in cases:
+            message = messages.get((case.where, case.mistake), "").replace("|", "\\|")
+            code = "" if code_name is None else f" {case.code} |"
+            lines.append(f"| {case.mistake} |{code} {message} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, char_data) -> dict[str, str]:
+    from gptkit import GPT, GPTConfig, Tokenizer
+
+    tmp = tmp_path_factory.mktemp("bad")
+    model = tmp / "model"
+    tokenizer = Tokenizer.from_pretrained(char_data / "tokenizer")
+    GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2,
+                  n_embd=16)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    write(tmp / "empty.txt", "")
+    write(tmp / "text.txt", "some text " * 100)
+    write(tmp / "broken.jsonl", '{"text": "fine"}\n{not json\n')
+    write(tmp / "nofield.jsonl", '{"body": "no text field"}\n')
+    write(tmp / "list.jsonl", '["a list"]\n')
+    write(tmp / "bad.toml", "max_step = 10\n")
+    return {"tmp": str(tmp), "model": str(model), "data": str(char_data)}
+
+
+def run_case(case: Case, env: dict[str, str], capsys) -> tuple[str, int]:
+    from gptkit import GptkitError
+
+    if case.where == "cli":
+        from gptkit.cli import main
+
+        argv = [a.format(**env) for a in case.call]
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # progress bars may precede it
+        assert "Traceback" not in err and err.count(" error: ") == 1, err
+        assert last.startswith(f"gptkit {argv[0]}") or last.startswith("gptkit tokenizer"), err
+        return last.split("error: ", 1)[-1], exit_info.value.code
+    with pytest.raises(GptkitError) as error:
+        case.call(env)
+    return str(error.value), 0
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.mistake for c in CLI_CASES])
+def test_cli(case, env, capsys):
+    message, code = run_case(case, env, capsys)
+    assert code == case.code
+    assert re.search(case.match, message), message
+    observed[case.where, case.mistake] = _generic(message, env)
+
+
+def test_api(env, capsys):
+    cases = api_cases()
+    assert len(cases) >= 10
+    for case in cases:
+        message, _ = run_case(case, env, capsys)
+        assert re.search(case.match, message), (case.mistake, message)
+        assert "\n" not in message, message
+        observed[case.where, case.mistake] = _generic(message, env)
+
+
+@pytest.fixture(scope="module")
+def http(env):
+    from fastapi.testclient import TestClient
+
+    from gptkit.serve import create_app
+
+    with TestClient(create_app(env["model"], device="cpu")) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", HTTP_CASES, ids=[c.mistake for c in HTTP_CASES])
+def test_http(case, http):
+    method, route, body = case.call
+    if isinstance(body, bytes):
+        response = http.request(method, route, content=body, headers={"content-type": "application/json"})
+    else:
+        response = http.request(method, route, json=body)
+    assert response.status_code == case.code, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type"}
+    assert re.search(case.match, error["message"]), error["message"]
+    observed[case.where, case.mistake] = error["message"]
+    # the server is still healthy afterwards
+    assert http.get("/health").status_code == 200
+
+
+def test_table_has_at_least_thirty_cases():
+    assert len(CLI_CASES) + len(api_cases()) + len(HTTP_CASES) >= 30
+
+
+observed: dict[tuple[str, str], str] = {}
+
+
+def _generic(message: str, env: dict[str, str]) -> str:
+    """Paths of this test run replaced by placeholders, for the documentation."""
+    for key in ("model", "data", "tmp"):
+        message = message.replace(env[key], key.upper())
+    return message
+
+
+def test_docs_errors_md_lists_every_case():
+    """docs/errors.md has a row for every case, showing a message that matches it.
+
+    `GPTKIT_WRITE_ERRORS=1 python -m pytest tests/test_bad_input.py` rewrites it from the
+    messages this run observed.
+    """
+    import os
+
+    if os.environ.get("GPTKIT_WRITE_ERRORS") == "1":
+        assert len(observed) == len(CLI_CASES) + len(api_cases()) + len(HTTP_CASES)
+        DOC.write_text(render(observed))
+    sections = DOC.read_text().split("\n## ")
+    for case in CLI_CASES + api_cases() + HTTP_CASES:
+        section = sections[{"cli": 1, "api": 2, "http": 3}[case.where]]
+        row = next((line for line in section.splitlines() if line.startswith(f"| {case.mistake} |")),
+                   None)
+        assert row is not None, f"docs/errors.md lacks '{case.mistake}'"
+        assert re.search(case.match, row.replace("\\|", "|")), row
+
+
+if __name__ == "__main__":
+    print(render({}))
