@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
@@ -60,11 +61,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate text from a prompt, streaming it to the terminal."""
     from gptkit.generate import stream_generate
-    from gptkit.inference import load_for_inference
 
-    model, tokenizer = load_for_inference(args.model, args.device)
+    if args.show_probs:
+        return generate_with_probs(args)
+    if args.task or args.input:
+        return generate_for_task(args)
     if args.prompt is None:
         raise GptkitError("gptkit generate needs a prompt: pass it as an argument.")
+    model, tokenizer = load_generation_model(args, args.model)
+    draft = load_generation_model(args, args.draft_model)[0] if args.draft_model else None
+    if args.num_beams > 1:
+        return print_beams(args, model, tokenizer)
     for index in range(args.num_return_sequences):
         if index:
             print("\n" + "-" * 40)
@@ -73,17 +80,110 @@ def cmd_generate(args: argparse.Namespace) -> None:
             model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
             do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-            seed=seed)
+            seed=seed, draft_model=draft)
         print(args.prompt, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
 
 
+def load_generation_model(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]:
+    """A model in the fast decoding layout that --dtype, --quantize and --compile ask for."""
+    from gptkit.inference import load_for_inference
+    from gptkit.runtime import DTYPES
+
+    return load_for_inference(model_dir, args.device, DTYPES[args.dtype], fast=True,
+                              quantize=args.quantize, compile=args.compile)
+
+
+def print_beams(args: argparse.Namespace, model: Any, tokenizer: Any) -> None:
+    """`generate --num-beams N`: beam search prints whole sequences, best first."""
+    import torch
+
+    from gptkit.generate import generate
+
+    ids = torch.tensor([tokenizer.encode(args.prompt)])
+    out = generate(model, ids, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                   num_return_sequences=args.num_return_sequences,
+                   repetition_penalty=args.repetition_penalty, tokenizer=tokenizer)
+    eos = model.config.eos_token_id
+    for index, row in enumerate(out.tolist()):
+        if index:
+            print("\n" + "-" * 40)
+        print(tokenizer.decode([t for t in row if t != eos]))
+
+
+def generate_with_probs(args: argparse.Namespace) -> None:
+    """`generate --show-probs`: each step's top candidates (greedy or sampled at temperature)."""
+    from gptkit.explain import show_probs
+    from gptkit.inference import load_for_inference
+
+    unsupported = [flag for flag, used in (
+        ("--task/--input", args.task or args.input), ("--top-k", args.top_k is not None),
+        ("--top-p", args.top_p is not None),
+        ("--repetition-penalty", args.repetition_penalty != 1.0),
+        ("--stop", args.stop), ("--num-return-sequences", args.num_return_sequences != 1)) if used]
+    if unsupported:
+        raise GptkitError(f"--show-probs does not combine with {', '.join(unsupported)}; it shows "
+                          "greedy choices or draws at --temperature only.")
+    if args.prompt is None:
+        raise GptkitError("gptkit generate needs a prompt: pass it as an argument.")
+    model, tokenizer = load_for_inference(args.model, args.device)
+    show_probs(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, top=args.top,
+               do_sample=not args.greedy, temperature=args.temperature, seed=args.seed)
+
+
+def generate_for_task(args: argparse.Namespace) -> None:
+    """`generate --task/--input`: one output per input, formatted with the task template."""
+    from gptkit.tasks import load_task, read_inputs, run_task
+
+    spec = load_task(args.model, args.task)
+    if (args.prompt is None) == (args.input is None):
+        raise GptkitError("gptkit generate --task needs exactly one of a prompt argument or --input.")
+    if args.num_return_sequences != 1:
+        raise GptkitError("--num-return-sequences works with plain prompts only, not --task/--input.")
+    examples = read_inputs(args.input if args.input is not None else args.prompt, spec)
+    model, tokenizer = load_generation_model(args, args.model)
+    sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature,
+                                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    outputs = run_task(model, tokenizer, spec, examples, max_new_tokens=args.max_new_tokens,
+                       repetition_penalty=args.repetition_penalty, stop=args.stop, **sampling)
+    for output in outputs:
+        print(output)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a model for a task on a JSONL file, fully or with LoRA."""
+    from gptkit.config import TrainConfig
+    from gptkit.finetune import DEFAULT_EPOCHS, FinetuneOptions, finetune
+
+    if args.epochs is not None and hasattr(args, "max_steps"):
+        raise GptkitError("Pass either --epochs or --max-steps, not both.")
+    epochs = DEFAULT_EPOCHS if args.epochs is None and not hasattr(args, "max_steps") else args.epochs
+    options = FinetuneOptions(
+        task=args.task, val=args.val, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, epochs=epochs, save_adapter=args.save_adapter,
+        prompt_field=args.prompt_field, target_field=args.target_field)
+    cfg = train_config_from_args(args, TrainConfig)
+    cfg.init_from, cfg.extra = args.model, {**cfg.extra, **vars(options)}
+    result = finetune(cfg)
+    print(f"fine-tuned {result.step} steps in {result.seconds:.0f}s"
+          + (f"; val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+          + f"; model in {cfg.out}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Loss and perplexity of a model on a data directory or a text file."""
+    """Loss and perplexity of a model on a data directory or a text file, or task metrics."""
     from gptkit.evaluate import evaluate_lm
 
+    if args.task:
+        from gptkit.task_eval import evaluate_task
+
+        print(json.dumps(evaluate_task(
+            args.model, args.task, args.data, limit=args.limit, out=args.out,
+            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
+            prompt_field=args.prompt_field, target_field=args.target_field)))
+        return
     result = evaluate_lm(args.model, args.data, batch_size=args.batch_size,
                          max_batches=args.max_batches, device=args.device)
     if args.json:
@@ -92,6 +192,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
               f"({result['tokens']:,} tokens)")
 
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a web playground at /."""
+    from gptkit.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
+          max_batch_size=args.max_batch_size, max_queue=args.max_queue, device=args.device)
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    """Plot loss, learning rate and tokens/s of one or more training runs into a PNG."""
+    from pathlib import Path
+
+    from gptkit.plot import plot_runs
+
+    print(f"wrote {plot_runs([Path(d) for d in args.runs], Path(args.out), log_x=args.log_x)}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Describe a model or run directory: architecture, size, tokenizer, training, files."""
+    from gptkit.info import directory_info, format_info
+
+    info = directory_info(args.directory)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    """Draw one attention head's weights over a text as a heat map PNG."""
+    from gptkit.explain import attention_map
+    from gptkit.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(args.model, args.device)
+    out = attention_map(model, tokenizer, args.text, args.out, layer=args.layer, head=args.head)
+    print(f"wrote {out}")
 
 # -- flags from dataclass fields ----------------------------------------------------------
 
@@ -177,8 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML file of training settings (flags override it)")
     add_dataclass_flags(p, TrainConfig)
 
+    p = command("finetune", cmd_finetune)
+    p.add_argument("--config", help="TOML file of training settings (flags override it)")
+    p.add_argument("--model", required=True, help="model directory to start from")
+    p.add_argument("--task", required=True, help="translate, summarize, qa, instruct or completion")
+    p.add_argument("--data", required=True, help="training JSONL file")
+    p.add_argument("--val", help="validation JSONL file (loss at each --eval-interval)")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (default: all weights)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--save-adapter", action="store_true",
+                   help="also write the LoRA adapters in peft format to OUT/adapter")
+    p.add_argument("--epochs", type=float,
+                   help="passes over the data (default: 3 unless --max-steps is given)")
+    add_task_field_flags(p)
+    # the model's shape comes from --model; fine-tuning runs in one process (no FSDP)
+    add_dataclass_flags(p, TrainConfig, skip=("data", "init_from", "preset", "n_layer", "n_head",
+                                              "n_embd", "fsdp"))
+
     p = command("generate", cmd_generate)
     add_generate_flags(p)
+    p.add_argument("--task", help="format the prompt with this task's template (stored with the model)")
+    p.add_argument("--input", help="task input: a JSONL file of records, a text file, or text")
+    p.add_argument("--show-probs", action="store_true",
+                   help="print each step's most likely next tokens with their probabilities")
+    p.add_argument("--top", type=positive_int, default=5,
+                   help="candidates shown per step with --show-probs (default: 5)")
 
     p = command("eval", cmd_eval)
     p.add_argument("--model", required=True)
@@ -187,7 +344,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=positive_int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--task", help="score generations for this task on a JSONL --data file")
+    p.add_argument("--limit", type=positive_int, help="score only the first N records")
+    p.add_argument("--out", help="write predictions to this JSONL file")
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="tokens to generate per example (default: from the longest reference)")
+    add_task_field_flags(p)
+
+    p = command("serve", cmd_serve)
+    p.add_argument("--model", required=True, help="model directory or hub name")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("GPTKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GPTKIT_API_KEY)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8,
+                   help="requests decoded together in one batch (default: 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the batch before answering 429 (default: 64)")
+    p.add_argument("--device", default="auto")
+
+    p = command("plot", cmd_plot)
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories")
+    p.add_argument("--out", default="loss.png", help="PNG file to write (default: loss.png)")
+    p.add_argument("--log-x", action="store_true", help="logarithmic tokens axis")
+
+    p = command("info", cmd_info)
+    p.add_argument("directory", metavar="DIR", help="model or training run directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("attention", cmd_attention)
+    p.add_argument("text", help="the text whose attention to draw")
+    p.add_argument("--model", required=True, help="model directory or hub name")
+    p.add_argument("--layer", type=int, default=0, help="layer, from 0 (default: 0)")
+    p.add_argument("--head", type=int, default=0, help="head, from 0 (default: 0)")
+    p.add_argument("--out", default="attention.png", help="PNG file (default: attention.png)")
+    p.add_argument("--device", default="auto")
     return parser
+
+
+def add_task_field_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt-field", help="JSONL name of the task's main input field")
+    p.add_argument("--target-field", help="JSONL name of the task's target field")
 
 
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -203,6 +401,15 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="activations and unquantized weights (bfloat16: faster on bf16 CPUs/GPUs)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights with per-channel scales (a quarter of fp32's bytes)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow first call; falls back if it fails)")
+    p.add_argument("--draft-model", help="smaller model directory for speculative decoding")
+    p.add_argument("--num-beams", type=positive_int, default=1,
+                   help="beam search with this many beams (greedy; prints whole sequences)")
 
 
 def main(argv: list[str] | None = None) -> None:
