@@ -24,7 +24,8 @@ def run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
                  "--master_port", str(29500 + os.getpid() % 1000), "-m", "gptkit"]
                 if nproc > 1 else [sys.executable, "-m", "gptkit"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(launcher + args, capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(launcher + [str(a) for a in args], capture_output=True, text=True,
+                            timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -73,3 +74,20 @@ def test_resume_two_process_checkpoint_in_one_process(char_data, single, tmp_pat
     result = run(["train", "--data", char_data, "--out", out, "--max-steps", "20", "--resume", *FLAGS])
     assert "grad-accum set to 2" in result.stderr
     assert losses(out) == pytest.approx(losses(single), abs=1e-5)
+
+
+def test_finetune_under_torchrun_matches_one_process(tmp_path):
+    from tiny_models import make_model_dir, write_jsonl
+
+    base = make_model_dir(tmp_path / "base")
+    records = [{"prompt": f"copy {w}:", "completion": f" {w}"}
+               for w in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta")]
+    data = write_jsonl(tmp_path / "train.jsonl", records * 4)
+    common = ["finetune", "--model", base, "--task", "completion", "--data", data,
+              "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-3",
+              "--warmup-steps", "0", "--log-interval", "1", "--eval-interval", "0",
+              "--save-interval", "0", "--device", "cpu"]
+    run([*common, "--out", tmp_path / "two"], nproc=2)
+    run([*common, "--out", tmp_path / "one", "--grad-accum", "2"])
+    assert len(losses(tmp_path / "one")) == 6
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)

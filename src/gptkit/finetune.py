@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from gptkit import distributed
 from gptkit.checkpoint import recover, resolve_model_dir
 from gptkit.config import TrainConfig, closest
 from gptkit.errors import GptkitError
@@ -131,13 +132,20 @@ def collate(rows: Sequence[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 class SFTBatches:
-    """Examples in a fresh seeded order every epoch, `batch_size` at a time; resumable."""
+    """Examples in a fresh seeded order every epoch, `batch_size` at a time; resumable.
 
-    def __init__(self, examples: Sequence[Encoded], batch_size: int, seed: int, pad_id: int) -> None:
+    Under torchrun every rank walks the same order, taking `batch_size * world_size`
+    examples per step and keeping its own slice, so ranks see disjoint examples.
+    """
+
+    def __init__(self, examples: Sequence[Encoded], batch_size: int, seed: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1) -> None:
         if not examples:
             raise GptkitError("no training examples; expected at least one record.")
         self.examples = examples
         self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
         self.seed = seed
         self.pad_id = pad_id
         self.epoch = 0
@@ -150,13 +158,14 @@ class SFTBatches:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = []
-        while len(rows) < self.batch_size:
+        while len(rows) < self.batch_size * self.world_size:
             if self.position == len(self._order):
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._shuffle()
             rows.append(self.examples[self._order[self.position]])
             self.position += 1
-        return collate(rows, self.pad_id)
+        return collate(rows[self.rank * self.batch_size:(self.rank + 1) * self.batch_size],
+                       self.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}
@@ -181,8 +190,17 @@ def finetune(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     """`gptkit finetune`: train `cfg.init_from` on the task JSONL `cfg.data` into `cfg.out`.
 
     Settings of fine-tuning live in `cfg.extra` (see `FinetuneOptions`); `cfg.max_steps`
-    is replaced by the number of steps `epochs` take when that is set.
+    is replaced by the number of steps `epochs` take when that is set. Under torchrun
+    each process trains on its share of every batch (DDP), as `gptkit train` does.
     """
+    info = distributed.init(cfg.device)
+    try:
+        return _finetune(cfg, info, progress and info.is_main)
+    finally:
+        distributed.shutdown(info)
+
+
+def _finetune(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> LoopResult:
     opts = FinetuneOptions.from_extra(cfg.extra)
     spec = get_task(opts.task, opts.prompt_field, opts.target_field)
     if not cfg.init_from:
@@ -205,7 +223,7 @@ def finetune(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     val_set = (encode_examples(tokenizer, spec, read_examples(opts.val, spec), block_size,
                                opts.val, progress) if opts.val else None)
     if opts.epochs is not None:
-        per_step = cfg.batch_size * cfg.grad_accum
+        per_step = cfg.batch_size * cfg.grad_accum * info.world_size
         steps = max(1, math.ceil(opts.epochs * len(train_set) / per_step))
         cfg = dataclasses.replace(cfg, max_steps=steps)
     eos = tokenizer.eos_token_id
@@ -220,11 +238,14 @@ def finetune(cfg: TrainConfig, progress: bool = True) -> LoopResult:
         print(f"fine-tuning for '{spec.task}' on {len(train_set):,} examples for {cfg.max_steps} "
               f"steps; {trainable_parameters(model):,} of {model.num_params():,} parameters train"
               + (f" (LoRA rank {opts.lora_rank})" if opts.lora_rank else ""), file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    result = run_loop(model, cfg, SFTBatches(train_set, cfg.batch_size, cfg.seed, eos),
-                      eval_batches, run_dir, save_extra=save_extra,
-                      prepare_model=merged_model if opts.lora_rank else None, progress=progress)
-    if opts.save_adapter:
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(info)
+    batches = SFTBatches(train_set, cfg.batch_size, cfg.seed, eos, info.rank, info.world_size)
+    result = run_loop(model, cfg, batches, eval_batches, run_dir, save_extra=save_extra,
+                      prepare_model=merged_model if opts.lora_rank else None, progress=progress,
+                      info=info)
+    if opts.save_adapter and info.is_main:
         save_peft_adapter(model, run_dir / ADAPTER_DIR, base_model=str(Path(base_dir).resolve()))
     return result
 

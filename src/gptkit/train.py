@@ -423,7 +423,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
     if cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)
         if vocab_size > model.config.vocab_size:
-            raise GptkitError(f"The data's vocabulary ({vocab_size}) does not fit the model in "
+            raise GptkitError(f"The tokenizer's vocabulary ({vocab_size}) does not fit the model in "
                               f"{cfg.init_from} (vocab_size {model.config.vocab_size}).")
         block = overrides.pop("block_size", None)
         if block is not None and block > model.config.block_size:
@@ -437,7 +437,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
                 elif hasattr(module, "dropout") and isinstance(module.dropout, float):
                     module.dropout = model.config.dropout
         if overrides:
-            raise GptkitError(f"--init-from keeps the model's shape; remove {', '.join('--' + k.replace('_', '-') for k in overrides)}.")
+            flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
+            raise GptkitError(f"Training from {cfg.init_from} keeps its shape; remove {flags}.")
         return model
     torch.manual_seed(cfg.seed)
     config = GPTConfig.from_preset(cfg.preset, vocab_size=vocab_size, eos_token_id=eos_token_id,
