@@ -249,3 +249,20 @@ def test_eval_batches_are_fixed_and_non_overlapping() -> None:
     limited = list(iter_eval_batches(tokens, 10, 2, max_batches=2))
     assert [x[:, 0].tolist() for x, _ in limited] == [[0, 20], [40, 60]]
     assert torch.equal(limited[0][1], limited[0][0] + 1)
+
+
+def test_prefetcher_gives_the_same_batches_and_resumes_exactly() -> None:
+    from gptkit.data import Prefetcher
+
+    tokens = np.arange(5000, dtype=np.uint16)
+    plain = TokenBatches(tokens, block_size=16, batch_size=4, seed=3)
+    expected = [plain.next_batch()[0] for _ in range(8)]
+    fetched = Prefetcher(TokenBatches(tokens, block_size=16, batch_size=4, seed=3))
+    got = [fetched.next_batch()[0] for _ in range(5)]
+    state = fetched.state_dict()  # taken while the thread has already prepared more
+    fetched.close()
+    resumed = TokenBatches(tokens, block_size=16, batch_size=4, seed=0)
+    resumed.load_state_dict(state)
+    got += [resumed.next_batch()[0] for _ in range(3)]
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a, b)

@@ -412,3 +412,54 @@ def iter_eval_batches(
         offsets = (np.arange(start, start + count) * stride)[:, None] + window
         rows = torch.from_numpy(tokens[offsets].astype(np.int64))
         yield rows[:, :-1], rows[:, 1:]
+
+
+class Prefetcher:
+    """Prepares the next batches in a background thread so the step never waits on data.
+
+    Used on CUDA, where the copy to the device is asynchronous and the CPU is otherwise
+    idle while the GPU computes. Resuming stays exact: `state_dict` is the wrapped
+    source's state from before the first batch not yet handed out.
+    """
+
+    def __init__(self, source: Any, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.source = source
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._next_state = source.state_dict()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self.source.next_batch()
+            except Exception as exc:  # hand the error to the training thread
+                self._queue.put((exc, None))
+                return
+            # the source's state right after this batch, read in this thread: consistent
+            self._queue.put((batch, self.source.state_dict()))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, state_after = self._queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        self._next_state = state_after
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._next_state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise RuntimeError("load state into the source before wrapping it in a Prefetcher")
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._queue.get_nowait()
+            except Exception:
+                self._thread.join(timeout=0.01)

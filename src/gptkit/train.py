@@ -251,6 +251,10 @@ def run_loop(
         else:  # dropout streams cannot carry over between world sizes; reseed reproducibly
             torch.manual_seed(cfg.seed + 1_000_003 * info.rank + int(state["step"]))
         step, tokens = int(state["step"]), int(state["tokens"])
+    if device.type == "cuda":  # prepare batches while the GPU computes
+        from gptkit.data import Prefetcher
+
+        train_batches = Prefetcher(train_batches)
     forward: Callable[..., torch.Tensor] = CompileFallback(wrapped) if cfg.compile else wrapped
     metrics = RunLog(run_dir, step if cfg.resume else None, tensorboard=cfg.tensorboard,
                      wandb=cfg.wandb, config=dataclasses.asdict(cfg)) if main else None
@@ -366,6 +370,8 @@ def run_loop(
     bar.close()
     if metrics is not None:
         metrics.close()
+    if hasattr(train_batches, "close"):
+        train_batches.close()
     return LoopResult(step=step, tokens=tokens, train_loss=losses[-1] if losses else None,
                       val_loss=val_loss, stopped_early=stopped_early,
                       seconds=time.perf_counter() - start, losses=losses)
