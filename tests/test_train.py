@@ -142,3 +142,38 @@ def test_existing_run_needs_resume(char_data, tmp_path):
     with pytest.raises(GptkitError, match="pass --resume"):
         train(TrainConfig(**cfg), progress=False)
 
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from gptkit import GPTConfig
+    from gptkit.train import lm_loss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16)).train()
+    x = torch.randint(0, 50, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        lm_loss(model(x), x).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    import gptkit.train as train_module
+
+    class Broken:
+        def __call__(self, *args, **kwargs):
+            from torch._dynamo.exc import BackendCompilerFailed
+
+            raise BackendCompilerFailed.__new__(BackendCompilerFailed)
+
+    monkeypatch.setattr(torch, "compile", lambda model: Broken())
+    model = torch.nn.Linear(3, 2)
+    wrapped = train_module.CompileFallback(model)
+    x = torch.ones(1, 3)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        assert torch.equal(wrapped(x), model(x))
+    assert wrapped.compiled is None
