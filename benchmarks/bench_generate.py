@@ -1,19 +1,29 @@
-"""Greedy decoding speed: gptkit's `generate` against transformers' GPT2LMHeadModel (sdpa).
+"""Greedy decoding speed: gptkit's `generate` (fp32, bf16, int8, compiled) against
+transformers' GPT2LMHeadModel (sdpa, fp32).
 
-Both models hold the same random fp32 weights and run in the same process on 2 threads,
-so their ratio is meaningful even on a shared, noisy machine (absolute numbers drift
-~10%). Each case reports time to first token (prefill + one token) and decode tokens/s
-after it, next to the bound that the machine's measured read bandwidth puts on decoding:
-every step reads all the weights once, whatever the batch size.
+All models hold the same random weights and run in the same process on 2 threads,
+interleaved repeat by repeat, so their ratios are meaningful even on a shared, noisy
+machine (absolute numbers drift ~10%, more under load). Each row reports time to first
+token (prefill + one token), decode tokens/s after it, the ratio to transformers, and
+the fraction of the bound that the read bandwidth measured in the same run puts on
+decoding: every step streams the weights the row's layout holds (fp32, bf16 or int8)
+once, whatever the batch size. Peak memory is measured apart, one fresh process per
+row: the peak RSS of building the model and generating, above the RSS after imports.
 
-    python benchmarks/bench_generate.py          # ~2-3 minutes
-    python benchmarks/bench_generate.py --quick  # fewer tokens and repeats, ~1 minute
+    python benchmarks/bench_generate.py            # ~5 minutes
+    python benchmarks/bench_generate.py --quick    # fewer tokens and repeats
+    python benchmarks/bench_generate.py --compile  # add compiled rows (slow first compile)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +32,28 @@ import torch
 
 from gptkit.checkpoint import to_hf_state_dict
 from gptkit.config import GPTConfig
+from gptkit.fast import optimize_for_inference
 from gptkit.generate import generate
 from gptkit.model import GPT
 
 PROMPT_LEN = 16
+HF = "transformers"
+# impl name -> optimize_for_inference arguments (None: transformers)
+IMPLS: dict[str, dict | None] = {
+    HF: None,
+    "gptkit eager": {},  # the model as loaded, no fast layout
+    "gptkit fp32": {"dtype": torch.float32},
+    "gptkit bf16": {"dtype": torch.bfloat16},
+    "gptkit int8": {"quantize": "int8"},
+}
+COMPILED = {"gptkit fp32+compile": {"dtype": torch.float32, "compile": True}}
+CUDA_IMPLS: dict[str, dict | None] = {
+    HF: None,
+    "gptkit fp32": {"dtype": torch.float32},
+    "gptkit bf16": {"dtype": torch.bfloat16},
+    "gptkit fp32+graphs": {"dtype": torch.float32, "compile": True},
+    "gptkit bf16+graphs": {"dtype": torch.bfloat16, "compile": True},
+}
 
 
 @dataclass
@@ -37,13 +65,14 @@ class Case:
 
 CASES = [Case("gpt2 124M, batch 1", "gpt2", 1), Case("small, batch 1", "small", 1),
          Case("small, batch 8", "small", 8)]
+CUDA_CASES = [Case("gpt2 124M, batch 1", "gpt2", 1), Case("gpt2 124M, batch 64", "gpt2", 64)]
 
 
-def read_bandwidth(gigabytes: float) -> float:
+def read_bandwidth(gigabytes: float, device: str) -> float:
     """Bytes/s that summing a large fp32 tensor reaches (best of 5): the decode ceiling."""
-    x = torch.ones(int(gigabytes * (1 << 30)) // 4)
-    x.sum()  # fault the pages in before timing
-    best = min(_timed(x.sum) for _ in range(5))
+    x = torch.ones(int(gigabytes * (1 << 30)) // 4, device=device)
+    x.sum().item()  # fault the pages in before timing
+    best = min(_timed(lambda: x.sum().item()) for _ in range(5))
     return x.numel() * 4 / best
 
 
@@ -73,6 +102,44 @@ class StepClock:
         pass
 
 
+def streamed_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: all weights but the embeddings, which are looked up by
+    row (plus the tied head, which reads the token embedding once)."""
+    skip = {"transformer.wpe.weight", "transformer.wte.weight"}
+    tensors = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
+               if name not in skip and ".kv_cache." not in name}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total += sum(t.numel() * t.element_size() for m in model.modules()
+                 if isinstance(t := getattr(m, "packed", None), torch.Tensor))
+    tied = not any(n.startswith("lm_head") for n in tensors)
+    wte = model.transformer.wte.weight
+    return total + (wte.numel() * wte.element_size() if tied else 0)
+
+
+def build(case: Case, impl: str, settings: dict | None, ours: GPT) -> torch.nn.Module:
+    """The model `impl` runs: transformers' with our weights, or ours optimized."""
+    if settings is None:
+        from transformers import AutoModelForCausalLM, GPT2Config
+
+        hf_config = GPT2Config(**ours.config.to_hf_dict())  # no eos: every token generated
+        hf = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").eval()
+        hf.load_state_dict(to_hf_state_dict(ours), strict=False)  # lm_head is tied to wte
+        return hf.to(ours.transformer.wte.weight.device)
+    if not settings:
+        return ours
+    return optimize_for_inference(copy.deepcopy(ours), **settings)
+
+
+def runner(model: torch.nn.Module, hf: bool, ids: torch.Tensor, new_tokens: int
+           ) -> Callable[[StepClock], torch.Tensor]:
+    if hf:
+        return lambda clock: model.generate(ids, attention_mask=torch.ones_like(ids),
+                                            max_new_tokens=new_tokens, do_sample=False,
+                                            pad_token_id=0, streamer=clock)
+    return lambda clock: generate(model, ids, max_new_tokens=new_tokens, eos_token_id=None,
+                                  streamer=clock)
+
+
 def run_once(run: Callable[[StepClock], torch.Tensor], new_tokens: int, batch: int,
              clock: StepClock) -> tuple[float, float, torch.Tensor]:
     """(time to first token in s, decode tokens/s over all rows after it, output ids)."""
@@ -84,61 +151,111 @@ def run_once(run: Callable[[StepClock], torch.Tensor], new_tokens: int, batch: i
     return first, decode, out
 
 
-def bench_case(case: Case, new_tokens: int, repeats: int, bandwidth: float) -> list[str]:
-    from transformers import AutoModelForCausalLM, GPT2Config
-
+def case_inputs(case: Case, device: str = "cpu") -> tuple[GPT, torch.Tensor]:
     torch.manual_seed(0)
-    config = GPTConfig.from_preset(case.preset, vocab_size=50257)
-    ours = GPT(config).eval()
-    hf_config = GPT2Config(**config.to_hf_dict())  # no eos: both generate every token
-    hf = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").eval()
-    hf.load_state_dict(to_hf_state_dict(ours), strict=False)  # lm_head is tied to wte
-    ids = torch.randint(0, config.vocab_size, (case.batch, PROMPT_LEN))
+    ours = GPT(GPTConfig.from_preset(case.preset, vocab_size=50257)).eval().to(device)
+    ids = torch.randint(0, ours.config.vocab_size, (case.batch, PROMPT_LEN), device=device)
+    return ours, ids
 
-    def run_ours(clock: StepClock) -> torch.Tensor:
-        return generate(ours, ids, max_new_tokens=new_tokens, eos_token_id=None, streamer=clock)
 
-    def run_hf(clock: StepClock) -> torch.Tensor:
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=0, streamer=clock)
-
-    runs: dict[str, list[tuple[float, float, torch.Tensor]]] = {"gptkit": [], "transformers": []}
-    impls = (("gptkit", run_ours), ("transformers", run_hf))
-    for repeat in range(repeats + 1):  # interleaved, so that load changes hit both alike
-        for label, run in impls:
-            result = run_once(run, new_tokens, case.batch, StepClock(label == "transformers"))
-            if repeat:  # the first round is a warm-up
-                runs[label].append(result)
-    results = {label: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs),
-                       rs[0][2]) for label, rs in runs.items()}
-    same = results["gptkit"][2].tolist() == results["transformers"][2].tolist()
-    weight_bytes = (ours.num_params() - ours.transformer.wpe.weight.numel()) * 4
-    bound = bandwidth / weight_bytes * case.batch  # tokens/s if decoding only read weights
+def bench_case(case: Case, impls: dict[str, dict | None], new_tokens: int, repeats: int,
+               bandwidth: float, device: str) -> list[dict]:
+    ours, ids = case_inputs(case, device)
+    models = {impl: build(case, impl, s, ours) for impl, s in impls.items()}
+    runs = {impl: runner(m, impls[impl] is None, ids, new_tokens) for impl, m in models.items()}
+    results: dict[str, list[tuple[float, float, torch.Tensor]]] = {impl: [] for impl in impls}
+    for repeat in range(repeats + 1):  # interleaved, so that load changes hit all alike
+        for impl, run in runs.items():
+            result = run_once(run, new_tokens, case.batch, StepClock(impls[impl] is None))
+            if repeat:  # the first round is a warm-up (and the compile)
+                results[impl].append(result)
+    reference = results[HF][0][2].tolist()
+    hf_decode = statistics.median(r[1] for r in results[HF])
     rows = []
-    for label, (first, decode, _) in results.items():
-        ratio = decode / results["transformers"][1]
-        rows.append(f"{case.name:<20} {label:<13} {first * 1e3:>8.1f} {decode:>10.1f} "
-                    f"{ratio:>6.2f}x {bound:>9.1f} {decode / bound:>7.0%}")
-    if not same:
-        rows.append(f"{case.name:<20} WARNING: the two models chose different tokens")
+    for impl, rs in results.items():
+        decode = statistics.median(r[1] for r in rs)
+        bound = bandwidth / streamed_bytes(models[impl]) * case.batch
+        rows.append(dict(case=case.name, impl=impl, ttft_ms=statistics.median(r[0] for r in rs)
+                         * 1e3, decode=decode, vs_hf=decode / hf_decode, bound=bound,
+                         of_bound=decode / bound, same_tokens=rs[0][2].tolist() == reference))
     return rows
+
+
+def peak_memory_mb(case: Case, impl: str, settings: dict | None) -> float:
+    """Peak RSS above the post-import RSS of building `impl` and generating 8 tokens, in MB,
+    in a fresh process (the peak of a process only ever rises)."""
+    code = (f"import sys; sys.path.insert(0, {sys.path[0]!r}); import bench_generate as b; "
+            f"b.memory_child({case.preset!r}, {case.batch}, {impl!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(preset: str, batch: int, impl: str) -> None:
+    torch.set_num_threads(2)
+    if impl == HF:
+        import transformers  # noqa: F401  (its import is not the model's memory)
+    case = Case(preset, preset, batch)
+    settings = {**IMPLS, **COMPILED}[impl]
+    before = _rss_mb()
+    ours, ids = case_inputs(case)
+    model = build(case, impl, settings, ours)
+    del ours
+    runner(model, settings is None, ids, 8)(StepClock(settings is None))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(max(peak, _rss_mb()) - before)
+
+
+def _processor(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else "unknown CPU"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / (1 << 20)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="cuda: GPT-2 at batch 1 and 64, bf16 and CUDA graphs, no memory")
     args = parser.parse_args()
     torch.set_num_threads(2)
     new_tokens, repeats = (32, 1) if args.quick else (128, 3)
-    bandwidth = read_bandwidth(0.25 if args.quick else 1.0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, greedy, "
-          f"prompt {PROMPT_LEN} tokens, {new_tokens} new tokens, median of {repeats}")
-    print(f"read bandwidth: {bandwidth / 1e9:.1f} GB/s (sum of a large fp32 tensor)\n")
-    print(f"{'case':<20} {'impl':<13} {'TTFT ms':>8} {'decode t/s':>10} {'vs HF':>7} "
-          f"{'bound t/s':>9} {'of bound':>8}")
-    for case in CASES:
-        for row in bench_case(case, new_tokens, repeats, bandwidth):
-            print(row, flush=True)
+    cuda = args.device == "cuda"
+    impls = CUDA_IMPLS if cuda else {**IMPLS, **(COMPILED if args.compile else {})}
+    bandwidth = read_bandwidth(0.25 if args.quick else 1.0, args.device)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[0]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, greedy, "
+          f"prompt {PROMPT_LEN} tokens, {new_tokens} new tokens, median of {repeats}, "
+          f"load average {load}")
+    print(f"{_processor(args.device)}; read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          "(sum of a large fp32 tensor)\n")
+    print(f"{'case':<20} {'impl':<20} {'TTFT ms':>8} {'decode t/s':>10} {'vs HF':>7} "
+          f"{'bound t/s':>9} {'of bound':>8} {'peak MB':>8}")
+    all_rows = []
+    for case in CUDA_CASES if cuda else CASES:
+        for row in bench_case(case, impls, new_tokens, repeats, bandwidth, args.device):
+            row["peak_mb"] = (float("nan") if args.no_memory or cuda
+                              else peak_memory_mb(case, row["impl"], impls[row["impl"]]))
+            all_rows.append(row)
+            print(f"{row['case']:<20} {row['impl']:<20} {row['ttft_ms']:>8.1f} "
+                  f"{row['decode']:>10.1f} {row['vs_hf']:>6.2f}x {row['bound']:>9.1f} "
+                  f"{row['of_bound']:>8.0%} {row['peak_mb']:>8.0f}"
+                  + ("" if row["same_tokens"] else "  (tokens differ from transformers)"),
+                  flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(all_rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -484,3 +484,32 @@ def test_speculative_with_a_weaker_draft_equals_greedy(k):
         assert out.tolist() == greedy.tolist()
         target._forward_hooks.clear()
         assert calls[0] < out.size(1) - len(prompt)  # some guesses were accepted
+
+
+# -- the generate command's speed flags ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tiny_models import make_model_dir
+
+    return make_model_dir(tmp_path_factory.mktemp("cli") / "model")
+
+
+def _cli(capsys, model_dir, *flags: str) -> str:
+    from gptkit.cli import main
+
+    main(["generate", "To be", "--model", str(model_dir), "--device", "cpu",
+          "--max-new-tokens", "12", *flags])
+    return capsys.readouterr().out
+
+
+def test_cli_speed_flags_keep_greedy_text(capsys, model_dir):
+    plain = _cli(capsys, model_dir, "--greedy")
+    assert plain.startswith("To be") and len(plain) > len("To be\n")
+    assert _cli(capsys, model_dir, "--greedy", "--draft-model", str(model_dir)) == plain
+    assert _cli(capsys, model_dir, "--greedy", "--dtype", "bfloat16", "--quantize", "int8")
+
+
+def test_cli_beam_search_prints_each_sequence(capsys, model_dir):
+    out = _cli(capsys, model_dir, "--num-beams", "3", "--num-return-sequences", "2")
+    assert out.count("-" * 40) == 1 and out.startswith("To be")

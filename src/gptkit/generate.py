@@ -70,8 +70,12 @@ def decode_step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor,
                 position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
     """One new token per row (B, 1) -> next-token logits (B, V).
 
-    A pure function of its tensors with fixed shapes, so it can be compiled later.
+    A pure function of its tensors with fixed shapes, so it compiles; it runs the compiled
+    step that `gptkit.fast.optimize_for_inference(..., compile=True)` gave the model.
     """
+    compiled = getattr(model, "compiled_decode", None)
+    if compiled is not None:
+        return compiled(tokens, input_pos, position_ids, attn_mask)
     return model(tokens, position_ids=position_ids, input_pos=input_pos, attn_mask=attn_mask)[:, 0]
 
 

@@ -14,10 +14,25 @@ from gptkit.tokenizer import Tokenizer
 
 
 def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
-                       dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """The model and its tokenizer, in eval mode on the chosen device."""
+                       dtype: torch.dtype | None = None, *, fast: bool = False,
+                       quantize: str | None = None, compile: bool = False
+                       ) -> tuple[GPT, Tokenizer]:
+    """The model and its tokenizer, in eval mode on the chosen device.
+
+    With `fast` (implied by `quantize` or `compile`) the model is put into the fast
+    decoding layout of `gptkit.fast.optimize_for_inference` (dtype float32 unless given;
+    int8 weights are quantized from the checkpoint's full-precision ones); it can then
+    generate but no longer be trained or saved.
+    """
     directory = resolve_model_dir(name_or_dir)
-    model = GPT.from_pretrained(directory, device=pick_device(device), dtype=dtype)
+    fast = fast or quantize is not None or compile
+    model = GPT.from_pretrained(directory, device=pick_device(device),
+                                dtype=None if fast else dtype)
+    if fast:
+        from gptkit.fast import optimize_for_inference
+
+        optimize_for_inference(model, dtype=dtype or torch.float32, quantize=quantize,
+                               compile=compile)
     tokenizer = Tokenizer.from_pretrained(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptkitError(

@@ -68,11 +68,13 @@ class RunLog:
         """Refresh loss.png so a user can watch the run; never fatal."""
         if not self.plot:
             return
+        from gptkit.errors import GptkitError
+
         try:
             from gptkit.plot import plot_runs
 
             plot_runs([self.run_dir], self.run_dir / PLOT_NAME)
-        except ImportError:
+        except (ImportError, GptkitError):
             self.plot = False  # matplotlib is optional (the `viz` extra)
         except Exception as exc:  # a plotting problem must not stop training
             warnings.warn(f"could not draw {PLOT_NAME}: {exc}", stacklevel=2)

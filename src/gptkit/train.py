@@ -330,7 +330,7 @@ def run_loop(
             # the norm is needed anyway to clip; inf max_norm measures without clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             bad = non_finite(loss_sum, norm)
-            if "fused" in optimizer.defaults and optimizer.defaults["fused"]:
+            if optimizer.param_groups[0].get("fused"):
                 optimizer.found_inf = bad.float()  # the fused kernel skips the update itself
                 optimizer.step()
             elif not bad.item():

@@ -1,0 +1,134 @@
+"""`gptkit info DIR`: what a model or training run directory holds, without loading weights.
+
+Everything comes from small files (config.json, the tokenizer, gptkit_task.json,
+metrics.jsonl), so it is quick even for GPT-2 XL and safe to run on a directory that a
+training run is writing: nothing here writes, or rolls a pending checkpoint forward.
+
+    gptkit info runs/mine            # a summary for people
+    gptkit info runs/mine --json     # the same as one JSON object for scripts
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gptkit.config import GPTConfig
+from gptkit.errors import GptkitError
+from gptkit.plot import METRICS_NAME, read_metrics
+
+CONFIG_NAME = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
+
+
+def count_parameters(config: GPTConfig) -> int:
+    """Parameters of the GPT `config` describes (lm_head tied to wte, so counted once).
+
+    Per block: two LayerNorms (2 x 2C), attention (C x 3C + 3C and C x C + C) and the
+    MLP (C x 4C + 4C and 4C x C + C), i.e. 12 C^2 + 13 C.
+    """
+    c = config.n_embd
+    embeddings = (config.vocab_size + config.block_size) * c
+    return embeddings + config.n_layer * (12 * c * c + 13 * c) + 2 * c  # + ln_f
+
+
+def _read_config(directory: Path) -> GPTConfig | None:
+    if not (directory / CONFIG_NAME).is_file():
+        return None
+    from gptkit.checkpoint import load_config  # reads config.json only; imports torch
+
+    return load_config(directory)
+
+
+def _tokenizer_info(directory: Path) -> dict[str, Any] | None:
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from gptkit.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(directory)
+    return {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}
+
+
+def _task_info(directory: Path) -> dict[str, Any] | None:
+    from gptkit.tasks import read_task_file
+
+    spec = read_task_file(directory)
+    return None if spec is None else {"task": spec.task, "template": spec.template}
+
+
+def _training_info(directory: Path) -> dict[str, Any] | None:
+    if not (directory / METRICS_NAME).is_file():
+        return None
+    train, evals = read_metrics(directory)
+    records = train + evals
+    last = max(records, key=lambda r: (r.get("step", 0), r["tokens"]), default={})
+    return {
+        "steps": last.get("step", 0),
+        "tokens": last.get("tokens", 0),
+        "last_val_loss": evals[-1]["val_loss"] if evals else None,
+        "last_train_loss": train[-1]["loss"] if train else None,
+    }
+
+
+def directory_info(directory: str | Path) -> dict[str, Any]:
+    """Facts about a model or run directory, as `gptkit info --json` prints them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise GptkitError(f"{directory} is not a directory; expected a model or run directory.")
+    config = _read_config(directory)
+    training = _training_info(directory)
+    if config is None and training is None:
+        raise GptkitError(f"{directory} is not a model or run directory: it has neither "
+                          f"{CONFIG_NAME} nor {METRICS_NAME}.")
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    return {
+        "path": str(directory),
+        "kind": "run" if training is not None else "model",
+        "config": None if config is None else config.to_dict(),
+        "parameters": None if config is None else count_parameters(config),
+        "context_length": None if config is None else config.block_size,
+        "tokenizer": _tokenizer_info(directory),
+        "task": _task_info(directory),
+        "training": training,
+        "files": [{"name": p.name, "bytes": p.stat().st_size} for p in files],
+    }
+
+
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1000:.1f} GB"
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable summary of `directory_info`."""
+    lines = [f"{info['path']} ({'training run' if info['kind'] == 'run' else 'model'})"]
+    config = info["config"]
+    if config is None:
+        lines.append("architecture:   no model saved yet (no config.json)")
+    else:
+        lines += [
+            f"architecture:   GPT-2, {config['n_layer']} layers, {config['n_head']} heads, "
+            f"width {config['n_embd']}, vocabulary {config['vocab_size']:,}",
+            f"parameters:     {info['parameters']:,} ({info['parameters'] / 1e6:.2f}M)",
+            f"context length: {info['context_length']:,} tokens",
+        ]
+    tokenizer = info["tokenizer"]
+    lines.append("tokenizer:      " + ("none" if tokenizer is None else
+                                       f"{tokenizer['kind']}, {tokenizer['vocab_size']:,} tokens"))
+    if info["task"] is not None:
+        template = info["task"]["template"].replace("\n", "\\n")
+        lines.append(f"task:           {info['task']['task']} (template: {template})")
+    training = info["training"]
+    if training is not None:
+        val = training["last_val_loss"]
+        lines.append(f"trained:        {training['steps']:,} steps, {training['tokens']:,} tokens"
+                     + (f", last val loss {val:.4f}" if val is not None else ""))
+    lines.append("files:")
+    width = max((len(f["name"]) for f in info["files"]), default=0)
+    lines += [f"  {f['name']:<{width}}  {_size(f['bytes']):>9}" for f in info["files"]]
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Loss curves of training runs as a PNG, from their `metrics.jsonl`.
+
+    gptkit plot runs/a runs/b --out compare.png      # several runs overlaid
+    plot_runs([run_dir], run_dir / "loss.png")       # what training redraws at each eval
+
+Panels: train and val loss against tokens seen (the fair x-axis when runs differ in
+batch size), learning rate, and tokens/s. Matplotlib is imported lazily and drawn
+through its non-interactive Agg canvas without pyplot, so plotting works on servers
+and from a training loop without global figure state. Reading is forgiving: a line
+still being written, or an empty file at the start of a run, gives a partial plot
+rather than an error, so a training loop can redraw at every eval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gptkit.errors import GptkitError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+METRICS_NAME = "metrics.jsonl"
+DPI = 80  # small files (tens of kB), quick to draw
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, eval records) of a run; unreadable or partial lines are skipped."""
+    train, evals = [], []
+    try:
+        lines = (run_dir / METRICS_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return train, evals
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a running trainer is writing right now
+        if not isinstance(record, dict) or not isinstance(record.get("tokens"), (int, float)):
+            continue
+        if "val_loss" in record:
+            evals.append(record)
+        elif "loss" in record:
+            train.append(record)
+    return train, evals
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure on the Agg canvas (no display, no pyplot state)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise GptkitError("Plots need matplotlib; install it with "
+                          "pip install 'gptkit[viz]'.") from None
+
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, out: Path) -> Path:
+    """Write a PNG atomically, so a viewer never opens a half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=DPI)
+    os.replace(tmp, out)
+    return out
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name, or its whole path where two runs share a name."""
+    names = [d.resolve().name for d in run_dirs]
+    return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs,
+                                                                            strict=True)]
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["tokens"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, log_x: bool = False) -> Path:
+    """Draw loss, learning rate and tokens/s of `run_dirs` against tokens into `out` (PNG).
+
+    Raises GptkitError only for a path that is not a run directory (no metrics.jsonl);
+    empty or partly written metrics give a partial plot.
+    """
+    run_dirs, out = [Path(d) for d in run_dirs], Path(out)
+    if not run_dirs:
+        raise GptkitError("gptkit plot needs at least one run directory.")
+    for d in run_dirs:
+        if not (d / METRICS_NAME).is_file():
+            raise GptkitError(f"{d} is not a training run directory: it has no {METRICS_NAME}.")
+    figure = new_figure(9, 6)
+    # fixed margins: a layout engine would draw the figure twice per save
+    grid = figure.add_gridspec(2, 2, height_ratios=(3, 2), left=0.09, right=0.98, top=0.95,
+                               bottom=0.09, hspace=0.3, wspace=0.25)
+    loss_ax = figure.add_subplot(grid[0, :])
+    lr_ax = figure.add_subplot(grid[1, 0], sharex=loss_ax)
+    speed_ax = figure.add_subplot(grid[1, 1], sharex=loss_ax)
+    anything = False
+    for index, (run_dir, label) in enumerate(zip(run_dirs, run_labels(run_dirs), strict=True)):
+        color = f"C{index % 10}"
+        train, evals = read_metrics(run_dir)
+        anything = anything or bool(train or evals)
+        loss_ax.plot(*_series(train, "loss"), color=color, alpha=0.8, label=f"{label} train")
+        loss_ax.plot(*_series(evals, "val_loss"), color=color, linestyle="--", marker="o",
+                     markersize=3, label=f"{label} val")
+        lr_ax.plot(*_series(train, "lr"), color=color)
+        speed_ax.plot(*_series(train, "tokens_per_s"), color=color)
+    if not anything:
+        loss_ax.text(0.5, 0.5, "no metrics yet", transform=loss_ax.transAxes, ha="center",
+                     va="center", color="gray")
+    loss_ax.set(ylabel="loss", title="loss vs tokens seen")
+    loss_ax.legend(fontsize="small", loc="upper right")
+    lr_ax.set(xlabel="tokens", ylabel="learning rate")
+    speed_ax.set(xlabel="tokens", ylabel="tokens / s")
+    for ax in (loss_ax, lr_ax, speed_ax):
+        ax.grid(alpha=0.3)
+    if log_x and anything:
+        loss_ax.set_xscale("log", nonpositive="mask")  # the step-0 eval sits at 0 tokens
+    return save_figure(figure, out)

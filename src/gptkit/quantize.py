@@ -1,0 +1,58 @@
+"""Int8 weight-only quantization: a quarter of fp32's bytes to stream per decoded token.
+
+Decoding reads every weight once per step, so its speed follows the bytes read. Each
+row (output channel) i of a weight W (out, in) is stored as int8 round(W_i / s_i) with
+its own scale s_i = max|W_i| / 127; activations stay floating point and the product is
+rescaled per channel: y = (x @ Q^T) * s. Per-channel scales keep one outlier row from
+costing the others their precision (perplexity rises well under 1%, see the tests).
+
+    from gptkit.fast import optimize_for_inference
+    optimize_for_inference(model, quantize="int8")
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8_MAX = 127
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows (out, in) and their fp32 scales (out,) for a weight (out, in)."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX  # an all-zero row stays zero
+    q = torch.round(weight / scales[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """A linear layer over int8 weights, dequantized on the fly (never stored dequantized).
+
+    On CPU the product runs in `torch._weight_int8pack_mm`, which reads the int8 rows
+    directly with bf16 activations (fp32 activations take a slow scalar path there); on
+    other devices the weight is widened to `compute_dtype` per call, which saves memory
+    but not time.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        q, scales = quantize_per_channel(weight)
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales.to(compute_dtype))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = x.to(self.scales.dtype).reshape(-1, self.in_features)  # (N, in)
+        if self.weight.device.type == "cpu":
+            y = torch._weight_int8pack_mm(compute, self.weight, self.scales)
+        else:
+            y = F.linear(compute, self.weight.to(self.scales.dtype)) * self.scales
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"

@@ -1,0 +1,131 @@
+"""Fast inference layouts: int8 quantization error, greedy parity and perplexity on a model
+trained for a few seconds on tiny Shakespeare (random weights have near-tied logits, so
+parity on them would test luck), compile with its fallback, and the CLI flags."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptkit.config import GPTConfig
+from gptkit.errors import GptkitError
+from gptkit.fast import GuardedStep, optimize_for_inference
+from gptkit.generate import generate
+from gptkit.model import GPT
+from gptkit.quantize import quantize_per_channel
+
+BLOCK = 64
+PROMPTS = ["ROMEO:\nWhat ", "First Citizen:\nWe ", "KING HENRY:\nThe "]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(shared_data) -> tuple[GPT, dict[str, int], torch.Tensor]:
+    """(a char-level GPT trained 150 steps, its vocabulary, held-out token ids)."""
+    text = (shared_data / "shakespeare" / "input.txt").read_text()
+    vocab = {c: i for i, c in enumerate(sorted(set(text)))}
+    ids = torch.tensor([vocab[c] for c in text[:300_000]])
+    train, held_out = ids[:-8_000], ids[-8_000:]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=BLOCK, n_layer=2, n_head=4,
+                          n_embd=64, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: thread handoffs would cost more than they save
+    for _ in range(150):
+        starts = torch.randint(0, len(train) - BLOCK - 1, (12,))
+        x = torch.stack([train[s:s + BLOCK] for s in starts])
+        y = torch.stack([train[s + 1:s + BLOCK + 1] for s in starts])
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return model.eval(), vocab, held_out
+
+
+def perplexity(model: GPT, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        x = ids[:len(ids) // BLOCK * BLOCK].view(-1, BLOCK)
+        logits = model(x[:, :-1]).float()
+        return math.exp(F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item())
+
+
+def greedy(model: GPT, vocab: dict[str, int], prompt: str, new: int = 40) -> list[int]:
+    ids = torch.tensor([[vocab[c] for c in prompt]])
+    return generate(model, ids, max_new_tokens=new, eos_token_id=None)[0].tolist()
+
+
+def test_per_channel_rounding_error_is_at_most_half_a_step():
+    w = torch.randn(48, 32) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different size
+    q, scales = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
+
+
+def test_int8_keeps_greedy_output_and_perplexity(shakespeare):
+    model, vocab, held_out = shakespeare
+    int8 = optimize_for_inference(copy.deepcopy(model), quantize="int8")
+    for prompt in PROMPTS:
+        assert greedy(int8, vocab, prompt) == greedy(model, vocab, prompt)
+    base, quantized = perplexity(model, held_out), perplexity(int8, held_out)
+    assert base < 20  # the model did learn: a uniform guess scores ~65
+    assert quantized < base * 1.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_layouts_keep_perplexity(shakespeare, dtype):
+    model, vocab, held_out = shakespeare
+    fast = optimize_for_inference(copy.deepcopy(model), dtype=dtype)
+    assert perplexity(fast, held_out) < perplexity(model, held_out) * 1.01
+    if dtype == torch.float32:  # the same arithmetic in another layout: the same tokens
+        for prompt in PROMPTS:
+            assert greedy(fast, vocab, prompt) == greedy(model, vocab, prompt)
+
+
+def test_compiled_step_equals_eager(shakespeare, monkeypatch):
+    # The aot_eager backend traces and functionalizes the decode step exactly as inductor
+    # does, without minutes of C++ compilation on a test machine.
+    model, vocab, _ = shakespeare
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend="aot_eager", fullgraph=True))
+    compiled = optimize_for_inference(copy.deepcopy(model), compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback happened
+        assert greedy(compiled, vocab, PROMPTS[0], 20) == greedy(model, vocab, PROMPTS[0], 20)
+    assert compiled.compiled_decode.compiled is not None
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(shakespeare, monkeypatch):
+    model, vocab, _ = shakespeare
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        fast = optimize_for_inference(copy.deepcopy(model), compile=True)
+    assert greedy(fast, vocab, PROMPTS[1]) == greedy(model, vocab, PROMPTS[1])
+
+
+def test_a_compiled_step_that_fails_when_run_falls_back(shakespeare):
+    model, vocab, _ = shakespeare
+    fast = optimize_for_inference(copy.deepcopy(model))
+    fast.compiled_decode = GuardedStep(fast, lambda *args: 1 / 0)
+    with pytest.warns(UserWarning, match="ZeroDivisionError"):
+        assert greedy(fast, vocab, PROMPTS[2]) == greedy(model, vocab, PROMPTS[2])
+    assert fast.compiled_decode.compiled is None  # warned once, eager from then on
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype=torch.float16), "dtype must be"),
+    (dict(quantize="int4"), "quantize must be"),
+])
+def test_bad_settings_are_one_sentence_errors(shakespeare, kwargs, match):
+    with pytest.raises(GptkitError, match=match):
+        optimize_for_inference(copy.deepcopy(shakespeare[0]), **kwargs)
