@@ -189,3 +189,11 @@ def test_complete_staging_is_rolled_forward(tmp_path):
     (staging / "COMPLETE").write_text(json.dumps(["a.txt", "b.txt"]))
     recover(tmp_path)
     assert (tmp_path / "b.txt").read_text() == "new b"
+
+
+def test_expected_shapes_match_the_network():
+    from gptkit.checkpoint import expected_shapes
+
+    config = GPTConfig(**TINY)
+    real = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    assert expected_shapes(config) == real

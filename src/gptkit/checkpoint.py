@@ -27,7 +27,7 @@ import torch
 
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.model import GPT
+from gptkit.model import GPT, skip_weight_init
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -199,11 +199,25 @@ def to_hf_state_dict(model: GPT, state_dict: dict[str, torch.Tensor] | None = No
     return out
 
 
+def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Our state dict's tensor shapes for `config` (the tied lm_head left out)."""
+    C, V = config.n_embd, config.vocab_size
+    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C),
+              "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
+    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+             "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
+             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+             "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
+             "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,)}
+    for layer in range(config.n_layer):
+        shapes.update({f"transformer.h.{layer}.{name}": shape for name, shape in block.items()})
+    return shapes
+
+
 def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
                        source: str) -> dict[str, torch.Tensor]:
     """GPT-2 tensors (with or without the 'transformer.' prefix) -> our state dict, checked."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    expected = expected_shapes(config)
     state = {}
     for name, tensor in tensors.items():
         if name.endswith(_IGNORED_SUFFIXES) or name == "lm_head.weight":
@@ -215,7 +229,7 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
             raise GptkitError(f"{source}: tensor '{name}' has dtype {tensor.dtype}; expected floating point.")
         if key.endswith(_CONV1D_SUFFIXES):
             tensor = tensor.t()
-        if tensor.shape != expected[key]:
+        if tuple(tensor.shape) != expected[key]:
             raise GptkitError(
                 f"{source}: tensor '{name}' has shape {tuple(tensor.shape)} but config.json implies "
                 f"{tuple(expected[key])}."
@@ -299,7 +313,7 @@ def load_model(name_or_dir: str | Path, device: str | torch.device | None = None
     except (SafetensorError, OSError, ValueError) as exc:
         raise GptkitError(f"{weights} is corrupted or truncated ({exc}).") from None
     state = from_hf_state_dict(tensors, config, str(weights))
-    with torch.device("meta"):
+    with skip_weight_init():
         model = GPT(config)
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign

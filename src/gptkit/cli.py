@@ -78,13 +78,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed = None if args.seed is None else args.seed + index
         pieces = stream_generate(
             model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-            do_sample=not args.greedy, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-            seed=seed, draft_model=draft)
+            repetition_penalty=args.repetition_penalty, stop=args.stop, draft_model=draft,
+            **sampling_flags(args, seed))
         print(args.prompt, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
+
+
+def sampling_flags(args: argparse.Namespace, seed: int | None) -> dict[str, Any]:
+    """Sampling settings from the flags; none at all with --greedy (nothing to ignore)."""
+    if args.greedy:
+        return {}
+    return dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=seed)
 
 
 def load_generation_model(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]:
@@ -144,8 +151,7 @@ def generate_for_task(args: argparse.Namespace) -> None:
         raise GptkitError("--num-return-sequences works with plain prompts only, not --task/--input.")
     examples = read_inputs(args.input if args.input is not None else args.prompt, spec)
     model, tokenizer = load_generation_model(args, args.model)
-    sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature,
-                                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = sampling_flags(args, args.seed)
     outputs = run_task(model, tokenizer, spec, examples, max_new_tokens=args.max_new_tokens,
                        repetition_penalty=args.repetition_penalty, stop=args.stop, **sampling)
     for output in outputs:

@@ -11,6 +11,8 @@ hs = C // nh head size, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -118,6 +120,27 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+
+
+@contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Build modules without drawing random weights that a checkpoint will replace.
+
+    Loading skips both the cost of initialising (seconds for large models) and the meta
+    device, whose initialisers import torch's compiler stack (~1 s) on the way to the
+    first generated token.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 class GPT(nn.Module):
     """A GPT-2 language model: token ids (B, T) -> next-token logits (B, T, V)."""
 
@@ -136,13 +159,12 @@ class GPT(nn.Module):
         # embedding, saving V*C parameters; GPT-2 does the same.
         self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
-        if not any(p.is_meta for p in self.parameters()):
-            self.apply(self._init_weights)
-            # GPT-2 scales residual projections by 1/sqrt(2 * n_layer): each block adds
-            # two of them to the residual stream, whose variance would otherwise grow.
-            for name, p in self.named_parameters():
-                if name.endswith("c_proj.weight"):
-                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.apply(self._init_weights)
+        # GPT-2 scales residual projections by 1/sqrt(2 * n_layer): each block adds
+        # two of them to the residual stream, whose variance would otherwise grow.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
