@@ -31,7 +31,7 @@ TINY = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_
 def train_cmd(data: Path, out: Path, resume: bool) -> list[str]:
     return [sys.executable, "-m", "gptkit", "train", "--data", str(data), "--out", str(out),
             "--preset", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "64",
-            "--block-size", "32", "--batch-size", "4", "--max-steps", "30", "--save-interval", "1",
+            "--block-size", "32", "--batch-size", "4", "--max-steps", "150", "--save-interval", "1",
             "--eval-interval", "0", "--device", "cpu", "--dropout", "0.1"] + (["--resume"] if resume else [])
 
 
@@ -56,14 +56,18 @@ def test_sigkill_anywhere_then_resume_gives_bitwise_equal_weights(char_data, tmp
             _, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err.decode()[-2000:]
             break
+        deadline = time.time() + 60
         if kills % 2:  # aim at a checkpoint write: kill as soon as a commit is staged
-            deadline = time.time() + 30
             while not (run / ".staging").exists() and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.0005)
             during_commit += (run / ".staging").exists()
-        else:  # anywhere: startup, a step, a write
-            time.sleep(rng.uniform(1.0, 3.0))
-        if proc.poll() is not None:  # finished before we could kill it: start over less late
+        else:  # anywhere in the steps: once training runs, after a random moment
+            logged = len(read_metrics(run / "metrics.jsonl"))
+            while (len(read_metrics(run / "metrics.jsonl")) <= logged and proc.poll() is None
+                   and time.time() < deadline):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is not None:  # the run finished before the kill
             assert proc.returncode == 0
             break
         proc.send_signal(signal.SIGKILL)
