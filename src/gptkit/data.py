@@ -23,7 +23,9 @@ import json
 import math
 import os
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +43,9 @@ VERSION = 1
 SPLITS = ("train", "val")
 TEXT_SUFFIXES = (".txt", ".md")
 CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
-# Characters gathered before one parallel encode call: big enough to keep all cores busy,
-# small enough to bound memory.
-_BATCH_CHARS = 4 << 20
+# Characters per encoding job: big enough that thread hand-offs cost nothing, small
+# enough that all cores get work and memory stays bounded.
+_GROUP_CHARS = 1 << 20
 
 
 def find_corpus_files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -219,42 +221,60 @@ def _encode_corpus(
     counts = {split: 0 for split in SPLITS}
     documents = 0
     unknown = 0
-    batch: list[str] = []
-    ends: list[bool] = []
-    batch_chars = 0
 
-    def flush() -> None:
+    def write(encoded: list[np.ndarray], group_ends: list[bool]) -> None:
         nonlocal documents, unknown
-        for ids, end in zip(tokenizer.encode_batch(batch, num_threads=workers), ends, strict=True):
+        for ids, end in zip(encoded, group_ends, strict=True):
             # Document i is validation when floor((i+1)*f) > floor(i*f): every 1/f-th one.
             is_val = math.floor((documents + 1) * val_fraction) > math.floor(
                 documents * val_fraction
             )
+            arr = ids.astype(dtype)
             if end:
-                ids.append(tokenizer.eos_token_id)
+                arr = np.append(arr, np.asarray(tokenizer.eos_token_id, dtype=dtype))
                 documents += 1
-            arr = np.asarray(ids, dtype=dtype)
             if tokenizer.unk_token_id is not None:
                 unknown += int(np.count_nonzero(arr == tokenizer.unk_token_id))
             split = "val" if is_val else "train"
             sinks[split].write(arr.tobytes())
             counts[split] += len(arr)
-        batch.clear()
-        ends.clear()
 
+    def encode_group(texts: list[str]) -> list[np.ndarray]:
+        return [tokenizer.encode_numpy(text) for text in texts]
+
+    # Groups of ~1M characters are encoded by `workers` threads (the encoders release the
+    # GIL) while this thread reads on; results are written in corpus order.
+    workers = workers or os.cpu_count() or 1
+    in_flight: deque[tuple[Future, list[bool]]] = deque()
+    texts: list[str] = []
+    ends: list[bool] = []
+    chars = 0
     total = sum(p.stat().st_size for p in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
+
+        def submit() -> None:
+            in_flight.append((pool.submit(encode_group, list(texts)), list(ends)))
+            texts.clear()
+            ends.clear()
+            while len(in_flight) > 2 * workers:  # bound memory: write the oldest
+                future, group_ends = in_flight.popleft()
+                write(future.result(), group_ends)
+
         for text, nbytes, end in iter_documents(files, field):
             bar.update(nbytes)
             if not text and not end:
                 continue
-            batch.append(text)
+            texts.append(text)
             ends.append(end)
-            batch_chars += len(text)
-            if batch_chars >= _BATCH_CHARS:
-                flush()
-                batch_chars = 0
-        flush()
+            chars += len(text)
+            if chars >= _GROUP_CHARS:
+                submit()
+                chars = 0
+        submit()
+        while in_flight:
+            future, group_ends = in_flight.popleft()
+            write(future.result(), group_ends)
     return counts, documents, unknown
 
 

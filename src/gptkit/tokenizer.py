@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tiktoken
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -79,7 +80,17 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:
     """Decode UTF-8, each invalid byte becoming U+FFFD; return the text and that count."""
-    return _ESCAPED_BYTE.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
+    return _replace_escapes(raw.decode("utf-8", "surrogateescape"))
+
+
+def _replace_escapes(text: str) -> tuple[str, int]:
+    """Invalid bytes (decoded as lone surrogates) become U+FFFD; valid text, the common
+    case, is recognised by one fast encode instead of a regex scan."""
+    try:
+        text.encode("utf-8")
+        return text, 0
+    except UnicodeEncodeError:
+        return _ESCAPED_BYTE.subn("\ufffd", text)
 
 
 def read_text_chunks(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[tuple[str, int]]:
@@ -101,7 +112,7 @@ def read_text_chunks(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[t
         while True:
             raw = f.read(chunk_bytes)
             unreported += len(raw)
-            text, n = _ESCAPED_BYTE.subn("\ufffd", decoder.decode(raw, final=not raw))
+            text, n = _replace_escapes(decoder.decode(raw, final=not raw))
             replaced += n
             text = carry + text
             if not raw:
@@ -126,15 +137,15 @@ def read_text_chunks(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[t
 
 def _last_safe_cut(text: str) -> int:
     """Last index where `text` may be cut (see `_SAFE_CUT`), or -1."""
-    window = 1 << 16
-    start = max(0, len(text) - window)
+    window = 1 << 8  # prose has a cut every few characters; search back from the end
     while True:
+        start = max(0, len(text) - window)
         last = -1
         for m in _SAFE_CUT.finditer(text, start):
             last = m.start()
         if last > 0 or start == 0:
             return last
-        start = max(0, start - 4 * window)
+        window *= 4  # geometric, so text without cut points costs linear time
 
 
 def _check_text(text: str) -> None:
@@ -452,6 +463,14 @@ class Tokenizer:
         import torch
 
         return torch.tensor([ids], dtype=torch.long)
+
+    def encode_numpy(self, text: str) -> np.ndarray:
+        """Ids of `text` as a uint32 array, without building a Python list on the fast path
+        (what corpus preparation needs: it writes arrays, and lists hold the GIL)."""
+        _check_text(text)
+        if self._fast is not None:
+            return self._fast.encode_to_numpy(text, allowed_special="all")
+        return np.asarray(self.encode(text), dtype=np.uint32)
 
     def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
         """Ids of many texts, in parallel. `num_threads` sizes the tiktoken engine's pool
