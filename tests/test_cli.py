@@ -141,3 +141,14 @@ def test_empty_and_non_utf8_corpus(tmp_path, trained_run):
     result = gptkit("prepare", tmp_path / "latin1.txt", "--tokenizer", trained_run / "tok",
                     "--out", tmp_path / "d2")
     assert "100" in result.stderr and "replace" in result.stderr.lower()
+
+
+def test_readme_shows_every_subcommand():
+    """The README's examples and the command line cannot drift apart."""
+    from gptkit.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in commands:
+        assert f"gptkit {name}" in readme, f"README.md shows no `gptkit {name}` example"
