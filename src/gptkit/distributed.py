@@ -13,9 +13,10 @@ a single-process run's, and `transformers` still opens it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ class DistInfo:
         return self.rank == 0
 
 
+T = TypeVar("T")
 SINGLE = DistInfo()  # one process, no process group
 
 
@@ -51,6 +53,16 @@ def init(device_name: str | None = "auto") -> DistInfo:
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return info
+
+
+def launch(body: Callable[[Any, DistInfo, bool], T], cfg: Any, progress: bool) -> T:
+    """Run `body(cfg, info, progress)` inside the process group torchrun describes (if any),
+    with progress shown by rank 0 only, and leave the group however it ends."""
+    info = init(cfg.device)
+    try:
+        return body(cfg, info, progress and info.is_main)
+    finally:
+        shutdown(info)
 
 
 def device_for(info: DistInfo, device: torch.device) -> torch.device:

@@ -193,11 +193,7 @@ def finetune(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     is replaced by the number of steps `epochs` take when that is set. Under torchrun
     each process trains on its share of every batch (DDP), as `gptkit train` does.
     """
-    info = distributed.init(cfg.device)
-    try:
-        return _finetune(cfg, info, progress and info.is_main)
-    finally:
-        distributed.shutdown(info)
+    return distributed.launch(_finetune, cfg, progress)
 
 
 def _finetune(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> LoopResult:

@@ -454,12 +454,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
 
 def train(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     """`gptkit train`: pretrain on a prepared data directory, writing a run directory."""
-
-    info = distributed.init(cfg.device)
-    try:
-        return _pretrain(cfg, info, progress and info.is_main)
-    finally:
-        distributed.shutdown(info)
+    return distributed.launch(_pretrain, cfg, progress)
 
 
 def _pretrain(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> LoopResult:
