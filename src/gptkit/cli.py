@@ -418,9 +418,16 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
                    help="beam search with this many beams (greedy; prints whole sequences)")
 
 
+TRAINING_COMMANDS = ("train", "finetune", "demo")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
+        from gptkit.runtime import tune_allocator
+
+        tune_allocator()  # a process-wide choice, so made here rather than in the library
     try:
         args.func(args)
     except GptkitError as exc:
