@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptkit.generate import Sampling, TextCodec, _partial_stop, decode_step, sample_next
+from gptkit.generate import Sampling, TextCodec, TextStream, decode_step, sample_next
 from gptkit.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,14 @@ class GenerationRequest:
 class _Row:
     """A request's place in the batch: its progress through the prompt and the output."""
 
-    def __init__(self, request: GenerationRequest, device: torch.device, vocab_size: int) -> None:
+    def __init__(self, request: GenerationRequest, device: torch.device, vocab_size: int,
+                 tokenizer: TextCodec) -> None:
         self.request = request
         self.filled = 0  # prompt tokens already in the cache
         self.pos = 0  # cache slot (= position) of the newest token, once decoding
         self.last = 0  # newest sampled token, fed to the next decode step
-        self.generated: list[int] = []  # output tokens, eos excluded
         self.count = 0  # tokens sampled, eos included
-        self.sent = 0  # characters of decode(generated) already sent
+        self.text = TextStream(tokenizer, request.stop)  # output text, released as it is ready
         generator = torch.Generator(device=device)
         if request.seed is None:
             generator.seed()  # a fresh unseeded Generator would always start from one seed
@@ -236,7 +236,7 @@ class Engine:
                 self.cancelled += 1
                 continue
             self._rows[self._rows.index(None)] = _Row(request, self.device,
-                                                      self.model.config.vocab_size)
+                                                      self.model.config.vocab_size, self.tokenizer)
 
     def _step(self) -> None:
         budget = self.prefill_chunk
@@ -318,21 +318,12 @@ class Engine:
         if token in self.eos:
             self._finish(index, Event(finish_reason=STOP, completion_tokens=row.count))
             return
-        row.generated.append(token)
         event = Event(logprobs=self._logprobs(logits, [token], request.logprobs))
-        text = self.tokenizer.decode(row.generated)
-        stops = [i for s in request.stop if (i := text.find(s, row.sent)) >= 0]
-        if stops:
-            event.text, event.finish_reason = text[row.sent:min(stops)], STOP
+        event.text, stopped = row.text.push(token)
+        if stopped:
+            event.finish_reason = STOP
         elif row.count >= request.max_new_tokens or row.pos + 1 >= self.context:
-            event.text, event.finish_reason = text[row.sent:], LENGTH
-        else:
-            # Hold back a trailing U+FFFD (a character whose other bytes are still to
-            # come) and text that may be the start of a stop string.
-            whole = text[:len(text) - text.endswith("\ufffd")]
-            ready = len(whole) - _partial_stop(whole, list(request.stop))
-            event.text = text[row.sent:ready] if ready > row.sent else ""
-            row.sent = max(row.sent, ready)
+            event.text, event.finish_reason = event.text + row.text.rest(), LENGTH
         if event.finish_reason is not None:
             event.completion_tokens = row.count
             self._finish(index, event)

@@ -514,6 +514,7 @@ def _collect(tokens: Iterator[torch.Tensor], ids: torch.Tensor, max_new_tokens: 
     out[:, :prompt_len] = ids
     ended = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device)
+    texts = [TextStream(tokenizer, stops) for _ in range(rows)] if stops else []
     end = prompt_len
     for token in tokens:
         if pad is not None:
@@ -523,19 +524,61 @@ def _collect(tokens: Iterator[torch.Tensor], ids: torch.Tensor, max_new_tokens: 
         if streamer is not None:
             streamer(token)
         newly = torch.isin(token, eos_ids)
-        if stops:
+        if texts:
             for row in (~ended & ~newly).nonzero().flatten().tolist():
-                text = tokenizer.decode(out[row, prompt_len:end].tolist())
-                newly[row] = any(s in text for s in stops)
+                newly[row] = texts[row].push(int(token[row]))[1]
         ended |= newly
         if bool(ended.all()):
             break
     return out[:, :end]
 
 
-def _partial_stop(text: str, stops: list[str]) -> int:
+def partial_stop(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that could be the start of a stop string."""
     return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+class TextStream:
+    """Tokens in, printable text out, one token at a time, for every streaming consumer.
+
+    Only the tokens since the text last ended on a whole character are decoded again, so
+    a long generation costs linear time. Text is released once it decodes without a
+    trailing U+FFFD (a character split across tokens, as most CJK characters are in
+    byte-level BPE, arrives whole) and once it cannot be the start of a stop string; a
+    stop string ends the stream and is not released.
+    """
+
+    def __init__(self, tokenizer: TextCodec, stops: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.pending: list[int] = []  # tokens since the text last ended on a whole character
+        self.shown = 0  # characters of decode(pending) already moved to `held`
+        self.held = ""  # decoded text not yet released: it might begin a stop string
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """The text `token` makes ready, and whether a stop string has now appeared."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        # UTF-8 decoders give one U+FFFD for a sequence whose other bytes are to come.
+        whole = len(text) - text.endswith("\ufffd")
+        self.held += text[self.shown:whole]
+        self.shown = whole
+        if whole == len(text):
+            self.pending.clear()
+            self.shown = 0
+        hits = [self.held.find(s) for s in self.stops if s in self.held]
+        if hits:
+            ready, self.held = self.held[:min(hits)], ""
+            return ready, True
+        cut = len(self.held) - partial_stop(self.held, self.stops)
+        ready, self.held = self.held[:cut], self.held[cut:]
+        return ready, False
+
+    def rest(self) -> str:
+        """Everything not yet released, for when generation ends without a stop string."""
+        tail = self.held + (self.tokenizer.decode(self.pending)[self.shown:] if self.pending else "")
+        self.pending, self.shown, self.held = [], 0, ""
+        return tail
 
 
 def stream_generate(
@@ -580,34 +623,18 @@ def stream_generate(
     sampling = Sampling(do_sample and temperature > 0, temperature, top_k, top_p,
                         repetition_penalty, _make_generator(seed, generator, device))
     tokens = _token_source(model, ids, mask, new, sampling, draft_model, num_draft_tokens)
-    pending: list[int] = []  # tokens since the text last ended on a whole character
-    shown = 0  # characters of decode(pending) already taken
-    held = ""  # decoded text not yet yielded: it might be the start of a stop string
+    text = TextStream(tokenizer, stops)
     with closing(tokens):
         for token in tokens:
             token_id = int(token[0])
             if token_id in eos:
                 break
-            pending.append(token_id)
-            text = tokenizer.decode(pending)
-            # A trailing U+FFFD may be a character whose other bytes are still to come;
-            # UTF-8 decoders give one U+FFFD for such an unfinished sequence.
-            whole = len(text) - text.endswith("\ufffd")
-            held += text[shown:whole]
-            shown = whole
-            if whole == len(text):
-                pending.clear()
-                shown = 0
-            hits = [held.find(s) for s in stops if s in held]
-            if hits:
-                if min(hits):
-                    yield held[:min(hits)]
-                return
-            ready = len(held) - _partial_stop(held, stops)
+            ready, stopped = text.push(token_id)
             if ready:
-                yield held[:ready]
-                held = held[ready:]
-    tail = held + (tokenizer.decode(pending)[shown:] if pending else "")
+                yield ready
+            if stopped:
+                return
+    tail = text.rest()
     if tail:
         yield tail
 
