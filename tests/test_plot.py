@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from gptkit.errors import GptkitError
-from gptkit.plot import plot_runs, read_metrics
+from gptkit.plot import plot_runs, split_metrics
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours
 
@@ -44,7 +44,7 @@ def has_colour(image: np.ndarray, rgb: tuple[int, int, int]) -> bool:
 
 
 def test_read_metrics_skips_a_partial_line(tmp_path):
-    train, evals = read_metrics(write_run(tmp_path / "run", partial=True))
+    train, evals = split_metrics(write_run(tmp_path / "run", partial=True))
     assert len(train) == 20 and len(evals) == 5
     assert evals[0]["val_loss"] == pytest.approx(4.2)
 

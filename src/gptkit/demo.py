@@ -100,13 +100,10 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 4.0, device: str = 
 
 
 def _first_val_loss(run_dir: Path) -> float:
-    import json
+    from gptkit.runlog import METRICS_NAME, read_metrics
 
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "val_loss" in record:
-            return record["val_loss"]
-    return float("nan")
+    losses = [r["val_loss"] for r in read_metrics(run_dir / METRICS_NAME) if "val_loss" in r]
+    return losses[0] if losses else float("nan")
 
 
 def _steps_in(seconds: float, shape: dict[str, int], vocab_size: int, batch_size: int,

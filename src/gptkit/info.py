@@ -15,7 +15,8 @@ from typing import Any
 
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.plot import METRICS_NAME, read_metrics
+from gptkit.plot import split_metrics
+from gptkit.runlog import METRICS_NAME
 
 CONFIG_NAME = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
@@ -59,7 +60,7 @@ def _task_info(directory: Path) -> dict[str, Any] | None:
 def _training_info(directory: Path) -> dict[str, Any] | None:
     if not (directory / METRICS_NAME).is_file():
         return None
-    train, evals = read_metrics(directory)
+    train, evals = split_metrics(directory)
     records = train + evals
     last = max(records, key=lambda r: (r.get("step", 0), r["tokens"]), default={})
     return {

@@ -13,33 +13,24 @@ rather than an error, so a training loop can redraw at every eval.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptkit.errors import GptkitError
+from gptkit.runlog import METRICS_NAME, read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-METRICS_NAME = "metrics.jsonl"
 DPI = 80  # small files (tens of kB), quick to draw
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train records, eval records) of a run; unreadable or partial lines are skipped."""
+def split_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records, eval records) of a run, each with a token count to plot against."""
     train, evals = [], []
-    try:
-        lines = (run_dir / METRICS_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return train, evals
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line a running trainer is writing right now
-        if not isinstance(record, dict) or not isinstance(record.get("tokens"), (int, float)):
+    for record in read_metrics(run_dir / METRICS_NAME):
+        if not isinstance(record.get("tokens"), (int, float)):
             continue
         if "val_loss" in record:
             evals.append(record)
@@ -105,7 +96,7 @@ def plot_runs(run_dirs: list[Path], out: Path, log_x: bool = False) -> Path:
     anything = False
     for index, (run_dir, label) in enumerate(zip(run_dirs, run_labels(run_dirs), strict=True)):
         color = f"C{index % 10}"
-        train, evals = read_metrics(run_dir)
+        train, evals = split_metrics(run_dir)
         anything = anything or bool(train or evals)
         loss_ax.plot(*_series(train, "loss"), color=color, alpha=0.8, label=f"{label} train")
         loss_ax.plot(*_series(evals, "val_loss"), color=color, linestyle="--", marker="o",

@@ -19,16 +19,20 @@ PLOT_NAME = "loss.png"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete record; a line torn by a crash mid-write is skipped."""
+    """Every complete record (none for a missing file); a line torn by a crash mid-write,
+    or being written by a running trainer, is skipped."""
     records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return records
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
