@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from gptkit.config import GPTConfig
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, read_json
 from gptkit.model import GPT, skip_weight_init
 
 WEIGHTS_NAME = "model.safetensors"
@@ -290,11 +290,7 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
 
 def load_config(directory: Path) -> GPTConfig:
     path = directory / CONFIG_NAME
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GptkitError(f"{path} is not valid JSON ({exc}).") from None
-    return GPTConfig.from_hf_dict(hf, source=str(path))
+    return GPTConfig.from_hf_dict(read_json(path), source=str(path))
 
 
 def load_model(name_or_dir: str | Path, device: str | torch.device | None = None,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, read_json
 from gptkit.tokenizer import Tokenizer, decode_utf8, read_text_chunks
 
 if TYPE_CHECKING:
@@ -300,10 +300,7 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
             f"{data_dir} is not a gptkit data directory (no meta.json); create one with "
             "`gptkit prepare`."
         )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise GptkitError(f"{path} is not valid JSON ({e.msg}).") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GptkitError(f"{path} is not a gptkit-tokens meta.json.")
     if meta.get("version") != VERSION:

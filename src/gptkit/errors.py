@@ -6,6 +6,21 @@ expected. The CLI prints that sentence and exits with status 2; the server turns
 it into a 400. Anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
 
 class GptkitError(ValueError):
     """A user-facing error: its message is one clear sentence."""
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in a file a user supplied (config, meta, task, tokenizer files); a file that
+    is not UTF-8 JSON is one sentence naming it, like every other user mistake."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GptkitError(f"{path} is not valid JSON ({exc}).") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptkit.config import closest
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, read_json
 
 if TYPE_CHECKING:
     from gptkit.model import GPT
@@ -157,10 +157,7 @@ def read_task_file(model_dir: str | Path) -> TaskSpec | None:
     path = Path(model_dir) / TASK_FILE
     if not path.is_file():
         return None
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GptkitError(f"{path} is not valid JSON ({exc}).") from None
+    values = read_json(path)
     if not isinstance(values, dict):
         raise GptkitError(f"{path} must hold a JSON object.")
     return TaskSpec.from_dict(values, str(path))

@@ -34,7 +34,7 @@ import tiktoken
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, read_json
 
 if TYPE_CHECKING:
     import torch
@@ -351,7 +351,7 @@ class Tokenizer:
             path = _download(str(name_or_dir))
         config: dict[str, Any] = {}
         if (path / "tokenizer_config.json").is_file():
-            config = _read_json(path / "tokenizer_config.json")
+            config = read_json(path / "tokenizer_config.json")
         eos = config.get("eos_token", EOT)
         if isinstance(eos, dict):  # older transformers save AddedToken dicts
             eos = eos.get("content", EOT)
@@ -558,7 +558,7 @@ def _byte_level_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) ->
 
 
 def _backend_from_files(vocab_file: Path, merges_file: Path) -> HFTokenizer:
-    vocab = _read_json(vocab_file)
+    vocab = read_json(vocab_file)
     if not isinstance(vocab, dict):
         raise GptkitError(f"{vocab_file} is not a JSON object mapping tokens to ids.")
     merges = []
@@ -574,13 +574,6 @@ def _backend_from_files(vocab_file: Path, merges_file: Path) -> HFTokenizer:
         return _byte_level_backend(vocab, merges)
     except Exception as e:
         raise GptkitError(f"{vocab_file} and {merges_file} do not form a BPE ({e}).") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GptkitError(f"{path} is not valid JSON ({e}).") from None
 
 
 def _download(name: str) -> Path:
