@@ -270,8 +270,11 @@ class Engine:
         self._use_rows(index, index + 1)
         slots = self._slots[start:stop]
         ids = torch.tensor([request.prompt[start:stop]], device=self.device)
+        # The LM head (the largest matmul of a small model) runs for the last position
+        # only, unless echo asks for every prompt token's log-probabilities.
         logits = self.model(ids, position_ids=slots[None], input_pos=slots,
-                            attn_mask=self._causal[start:stop][None, None])[0]  # (T, V)
+                            attn_mask=self._causal[start:stop][None, None],
+                            last_only=not request.echo_logprobs)[0]  # (T or 1, V)
         row.filled = stop
         if request.echo_logprobs:
             self._send_prompt_logprobs(row, logits)
