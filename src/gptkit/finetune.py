@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from gptkit import distributed
-from gptkit.checkpoint import recover, resolve_model_dir
+from gptkit.checkpoint import resolve_model_dir
 from gptkit.config import TrainConfig, closest
 from gptkit.errors import GptkitError
 from gptkit.lora import (
@@ -39,9 +39,9 @@ from gptkit.tasks import Example, TaskSpec, get_task, read_examples, task_file_w
 from gptkit.tokenizer import Tokenizer
 from gptkit.train import (
     IGNORE_INDEX,
-    STATE_NAME,
     LoopResult,
     build_model,
+    check_run_dir,
     run_loop,
     tokenizer_files,
 )
@@ -203,14 +203,7 @@ def _finetune(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> L
         raise GptkitError("gptkit finetune needs --model, the model directory to start from.")
     base_dir = resolve_model_dir(cfg.init_from)
     run_dir = Path(cfg.out)
-    if run_dir.is_dir():
-        recover(run_dir)
-    has_run = (run_dir / STATE_NAME).exists()
-    if has_run != cfg.resume:
-        raise GptkitError(f"{run_dir} already holds a training run; pass --resume to continue it "
-                          "or choose another --out." if has_run else
-                          f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); start "
-                          "without --resume or point --out at an earlier run.")
+    check_run_dir(run_dir, cfg.resume)
     tokenizer = Tokenizer.from_pretrained(base_dir)
     model = _load_model(cfg, opts, base_dir, run_dir, tokenizer)
     block_size = cfg.block_size or model.config.block_size

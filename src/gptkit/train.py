@@ -183,13 +183,24 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """--resume needs a checkpoint in `run_dir`; a fresh run must not overwrite one."""
+    if run_dir.is_dir():
+        recover(run_dir)  # a commit a crash interrupted decides whether a checkpoint exists
+    has_run = (run_dir / STATE_NAME).exists()
+    if resume and not has_run:
+        raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); "
+                          "start without --resume or point --out at an earlier run.")
+    if has_run and not resume:
+        raise GptkitError(f"{run_dir} already holds a training run; pass --resume to continue it "
+                          "or choose another --out.")
+
+
 def load_train_state(run_dir: Path) -> dict[str, Any]:
     """The resumable state of a run; refuses anything but plain tensors and containers."""
     ensure_intact(run_dir)
+    check_run_dir(run_dir, resume=True)
     path = run_dir / STATE_NAME
-    if not path.exists():
-        raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); "
-                          "start without --resume or point --out at an earlier run.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler refuses code objects with many error types
@@ -465,16 +476,10 @@ def _pretrain(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> L
     meta = load_meta(data_dir)
     run_dir = Path(cfg.out)
     tokenizer = Tokenizer.from_pretrained(data_dir / "tokenizer")
+    check_run_dir(run_dir, cfg.resume)
     if cfg.resume:
-        recover(run_dir)
-        if not (run_dir / STATE_NAME).exists():
-            raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); "
-                              "start without --resume or point --out at an earlier run.")
         model = GPT.from_pretrained(run_dir)
     else:
-        if (run_dir / STATE_NAME).exists():
-            raise GptkitError(f"{run_dir} already holds a training run; pass --resume to continue it "
-                              "or choose another --out.")
         model = build_model(cfg, meta["vocab_size"], meta["eos_token_id"])
     check_tokenizer(cfg.init_from or (run_dir if cfg.resume else None), meta)
     block_size = cfg.block_size or model.config.block_size
