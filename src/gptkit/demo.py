@@ -111,14 +111,14 @@ def _steps_in(seconds: float, shape: dict[str, int], vocab_size: int, batch_size
     """How many training steps fit in `seconds`, timed on a throwaway model."""
     import torch
 
-    from gptkit.config import GPTConfig
+    from gptkit.config import GPTConfig, TrainConfig
     from gptkit.model import GPT
     from gptkit.runtime import pick_device
-    from gptkit.train import lm_loss
+    from gptkit.train import lm_loss, make_optimizer
 
     dev = pick_device(device)
     model = GPT(GPTConfig(vocab_size=vocab_size, **shape)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = make_optimizer(model, TrainConfig(), dev)  # the optimizer training will use
     x = torch.randint(0, vocab_size, (batch_size, shape["block_size"]), device=dev)
     timings = []
     for _ in range(4):
