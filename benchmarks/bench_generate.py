@@ -46,7 +46,9 @@ IMPLS: dict[str, dict | None] = {
     "gptkit bf16": {"dtype": torch.bfloat16},
     "gptkit int8": {"quantize": "int8"},
 }
-COMPILED = {"gptkit fp32+compile": {"dtype": torch.float32, "compile": True}}
+COMPILED = {"gptkit fp32+compile": {"dtype": torch.float32, "compile": True},
+            "gptkit bf16+compile": {"dtype": torch.bfloat16, "compile": True},
+            "gptkit int8+compile": {"quantize": "int8", "compile": True}}
 CUDA_IMPLS: dict[str, dict | None] = {
     HF: None,
     "gptkit fp32": {"dtype": torch.float32},

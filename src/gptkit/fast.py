@@ -8,10 +8,13 @@ bf16 weights run fastest when pre-packed once into oneDNN's blocked layout. So
 `optimize_for_inference` swaps every linear layer of the blocks, and the LM head, for
 the layer that suits the dtype and device:
 
-| dtype / quantize | CPU                                  | GPU                |
-| fp32             | `TransposedLinear` (addmm, (in, out)) | `nn.Linear`        |
-| bf16             | `OneDnnLinear` (pre-packed oneDNN)    | `nn.Linear` (bf16) |
-| int8             | `Int8Linear` (int8 rows, bf16 math)   | `Int8Linear`       |
+| dtype / quantize | CPU                                   | CPU, compile=True        | GPU                |
+| fp32             | `TransposedLinear` (addmm, (in, out)) | `RowLinear` (fp32)       | `nn.Linear`        |
+| bf16             | `OneDnnLinear` (pre-packed oneDNN)    | `RowLinear` (bf16)       | `nn.Linear` (bf16) |
+| int8             | `Int8Linear` (int8 rows, bf16 math)   | `Int8Linear`             | `Int8Linear`       |
+
+With `compile=True` on CPU the decode step's products become `gptkit.rowwise` loops that
+the compiler fuses into one pass per weight, about twice MKL's GEMV speed at batch 1-8.
 
 The LM head is tied to the token embedding in training; here it gets its own copy in the
 fast layout while the embedding stays as it is for lookups. The model is changed in
@@ -27,11 +30,13 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.quantize import Int8Linear
+from gptkit.rowwise import fuses_rows, rowwise_matmul
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -70,6 +75,28 @@ class OneDnnLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
+class RowLinear(nn.Module):
+    """A linear layer for compiled decoding on CPU: weight (out, in), fp32 or bf16.
+
+    Inside `torch.compile` a decode step's few rows are multiplied by `rowwise_matmul`,
+    which the compiler turns into one pass over the weight; outside it (the prompt's
+    prefill, or an eager fallback) it is a plain `F.linear`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))
+        if not fuses_rows(flat):
+            return F.linear(x, self.weight, self.bias)
+        y = rowwise_matmul(flat, self.weight).to(x.dtype)
+        y = y if self.bias is None else y + self.bias
+        return y.view(*x.shape[:-1], y.size(-1))
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively (AVX512-BF16 / AMX on CPU, Ampere+ on CUDA)."""
     if device.type == "cuda":
@@ -99,7 +126,7 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
                       stacklevel=2)
         dtype = torch.float32
     model.eval()
-    make = _linear_factory(dtype, quantize, device)
+    make = _linear_factory(dtype, quantize, device, compile)
     for block in model.transformer.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):
@@ -112,8 +139,8 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
     return model
 
 
-def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.device
-                    ) -> Callable[[nn.Linear], nn.Module]:
+def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.device,
+                    compile: bool) -> Callable[[nn.Linear], nn.Module]:
     """The function that turns one nn.Linear into its fast counterpart."""
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(dtype)
@@ -124,6 +151,8 @@ def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.devi
         return lambda lin: Int8Linear(lin.weight, cast(lin.bias), compute)
     if device.type != "cpu":
         return lambda lin: _plain_linear(cast(lin.weight), cast(lin.bias))
+    if compile:
+        return lambda lin: RowLinear(cast(lin.weight), cast(lin.bias))
     if dtype == torch.bfloat16:
         return lambda lin: OneDnnLinear(lin.weight, lin.bias)
     return lambda lin: TransposedLinear(cast(lin.weight), cast(lin.bias))
@@ -167,9 +196,17 @@ class GuardedStep:
 
 def _compile_decode(model: GPT, device: torch.device) -> GuardedStep:
     step = GuardedStep(model, None)
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+    # CUDA: CUDA graphs. CPU: inductor inlines cheap elementwise producers (a LayerNorm,
+    # a GELU) into their consumers, which for a row-wise product means recomputing them
+    # once per weight row; realizing anything over 8 ops keeps the weight loops lean
+    # (bf16 decoding of GPT-2 runs ~1.8x faster with it).
+    settings = ({"mode": "reduce-overhead"} if device.type == "cuda"
+                else {"options": {"realize_opcount_threshold": 8}})
     try:
-        step.compiled = torch.compile(step.eager, mode=mode, fullgraph=True)
+        # Every optimized model adds its own entry to the cache of the one `eager` function
+        # that all of them compile; dynamo's default of 8 would fail the ninth model.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        step.compiled = torch.compile(step.eager, fullgraph=True, **settings)
     except Exception as exc:  # torch.compile itself unavailable (e.g. unsupported Python)
         _warn_fallback(exc)
     return step

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptkit.rowwise import fuses_rows, rowwise_matmul
+
 INT8_MAX = 127
 
 
@@ -46,11 +48,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = x.to(self.scales.dtype).reshape(-1, self.in_features)  # (N, in)
-        if self.weight.device.type == "cpu":
-            y = torch._weight_int8pack_mm(compute, self.weight, self.scales)
+        flat = x.reshape(-1, self.in_features)  # (N, in)
+        if fuses_rows(flat):
+            y = rowwise_matmul(flat, self.weight) * self.scales.float()
+        elif self.weight.device.type == "cpu":
+            y = torch._weight_int8pack_mm(flat.to(self.scales.dtype), self.weight, self.scales)
         else:
-            y = F.linear(compute, self.weight.to(self.scales.dtype)) * self.scales
+            y = F.linear(flat.to(self.scales.dtype), self.weight.to(self.scales.dtype)) * self.scales
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
