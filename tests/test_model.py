@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+import gptkit.model
 from gptkit import GPT, GPTConfig, GptkitError
 from gptkit.checkpoint import commit_files, recover
+from gptkit.model import causal_attention
 
 TINY = dict(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -197,3 +199,40 @@ def test_expected_shapes_match_the_network():
     config = GPTConfig(**TINY)
     real = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
     assert expected_shapes(config) == real
+
+
+def test_written_out_causal_attention_is_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    ours = causal_attention(q, k, v)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(ours, sdpa, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(sdpa.square().sum(), (q, k, v)), strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_compiled_cpu_training_traces_the_written_out_attention(monkeypatch):
+    # aot_eager: the tracing inductor does, without its C++ build; the loss and every
+    # gradient must equal the eager (SDPA) model's.
+    torch.manual_seed(0)
+    eager = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    compiled_model = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    compiled_model.load_state_dict(eager.state_dict())
+    traced = []
+
+    def spy(q, k, v):
+        traced.append(q.shape)
+        return causal_attention(q, k, v)
+
+    monkeypatch.setattr(gptkit.model, "causal_attention", spy)
+    x = torch.randint(0, 40, (3, 16))
+    losses = []
+    for model in (eager, torch.compile(compiled_model, backend="aot_eager", fullgraph=True)):
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten())
+        loss.backward()
+        losses.append(loss)
+    assert traced and all(shape == (3, 2, 16, 8) for shape in traced)
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name

@@ -22,6 +22,8 @@ from torch import nn
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 
+COMPILED_MATH_ATTENTION_MAX_T = 256  # see CausalSelfAttention._compiled_short_causal
+
 
 class KVCache(nn.Module):
     """Static, preallocated keys and values of one layer, written slot by slot.
@@ -79,16 +81,37 @@ class CausalSelfAttention(nn.Module):
             if input_pos is None:
                 raise ValueError("a model with a KV cache needs input_pos (the cache slots to write)")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs)
-        # Flash / memory-efficient kernels when available; the causal mask is implicit
-        # in training and explicit (over cache slots and padding) in generation.
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and self.kv_cache is None,
-        )
+        if attn_mask is None and self._compiled_short_causal(x):
+            y = causal_attention(q, k, v)
+        else:
+            # Flash / memory-efficient kernels when available; the causal mask is implicit
+            # in training and explicit (over cache slots and padding) in generation.
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=attn_mask is None and self.kv_cache is None,
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+
+    def _compiled_short_causal(self, x: torch.Tensor) -> bool:
+        """Whether `torch.compile` is tracing plain causal attention over a short CPU context,
+        where `causal_attention` compiles into fused kernels that beat SDPA's CPU flash
+        kernel (its per-block overhead dominates below a few hundred positions)."""
+        return (torch.compiler.is_compiling() and x.device.type == "cpu" and self.kv_cache is None
+                and x.size(1) <= COMPILED_MATH_ATTENTION_MAX_T
+                and not (self.training and self.dropout > 0))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(hs) + causal mask) V written out, (B, nh, T, hs) each: the
+    textbook form, which the compiler fuses (scale, mask, softmax and their backward)."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
 
 
 class MLP(nn.Module):
