@@ -180,6 +180,19 @@ def test_interrupted_commit_keeps_previous_files(tmp_path):
     assert not (tmp_path / ".staging").exists()
 
 
+def test_a_kill_while_marking_the_commit_discards_it(tmp_path):
+    """The marker is written under another name and renamed whole, so a kill mid-write
+    leaves only that partial file (recovery once read an empty marker and crashed)."""
+    commit_files(tmp_path, {"a.txt": lambda p: p.write_text("old a")})
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    (staging / "a.txt").write_text("new a")
+    (staging / "COMPLETE.tmp").write_text("")  # killed before the rename
+    recover(tmp_path)
+    assert (tmp_path / "a.txt").read_text() == "old a"
+    assert not staging.exists()
+
+
 def test_complete_staging_is_rolled_forward(tmp_path):
     """A kill after the commit was marked complete but before every rename finishes."""
     commit_files(tmp_path, {"a.txt": lambda p: p.write_text("old a"),

@@ -75,7 +75,13 @@ def commit_files(directory: str | Path, writers: dict[str, Callable[[Path], None
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
         write_json(staging / MANIFEST_NAME, {name: _fingerprint(staging / name) for name in writers})
-        (staging / COMPLETE_MARKER).write_text(json.dumps(sorted([*writers, MANIFEST_NAME])))
+        # The commit point: the marker is renamed into place whole, so a kill while it is
+        # being written leaves no marker (the commit is discarded), never a truncated one.
+        pending = staging / (COMPLETE_MARKER + ".tmp")
+        pending.write_text(json.dumps(sorted([*writers, MANIFEST_NAME])))
+        with open(pending, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(pending, staging / COMPLETE_MARKER)
         _fsync_dir(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # free the space a failed write took
