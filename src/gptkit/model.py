@@ -81,7 +81,7 @@ class CausalSelfAttention(nn.Module):
             if input_pos is None:
                 raise ValueError("a model with a KV cache needs input_pos (the cache slots to write)")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs)
-        if attn_mask is None and self._compiled_short_causal(x):
+        if self._compiled_short_causal(x, attn_mask):
             y = causal_attention(q, k, v)
         else:
             # Flash / memory-efficient kernels when available; the causal mask is implicit
@@ -95,12 +95,12 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
-
-    def _compiled_short_causal(self, x: torch.Tensor) -> bool:
+    def _compiled_short_causal(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
         """Whether `torch.compile` is tracing plain causal attention over a short CPU context,
         where `causal_attention` compiles into fused kernels that beat SDPA's CPU flash
         kernel (its per-block overhead dominates below a few hundred positions)."""
-        return (torch.compiler.is_compiling() and x.device.type == "cpu" and self.kv_cache is None
+        return (torch.compiler.is_compiling() and x.device.type == "cpu"
+                and attn_mask is None and self.kv_cache is None
                 and x.size(1) <= COMPILED_MATH_ATTENTION_MAX_T
                 and not (self.training and self.dropout > 0))
 
