@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--quick] [--compile] [--track-steps 200]
 
 Random weights and random tokens, AdamW, `torch.set_num_threads(2)` by default. For each
-shape it times gptkit's training step (the same `lm_loss`, optimizer and autocast that
+shape it times gptkit's training step (the same loss, optimizer and autocast that
 `gptkit train` uses) in fp32 and with bf16 autocast, and `transformers.GPT2LMHeadModel`
 (sdpa attention) in fp32, then prints tokens/s, the ratio to transformers and the
 fraction of the fp32 matmul peak measured in the same run. nanoGPT cannot be installed
@@ -23,7 +23,7 @@ import torch
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.model import GPT
 from gptkit.runtime import autocast, tune_allocator
-from gptkit.train import lm_loss, make_optimizer
+from gptkit.train import make_optimizer
 
 SHAPES = {
     # name: (config, batch size, nanoGPT reference tokens/s from the issue)
@@ -66,7 +66,7 @@ def gptkit_step(cfg: dict[str, int], batch: int, dtype: torch.dtype, compile: bo
 
     def step() -> None:
         with autocast(torch.device("cpu"), dtype):
-            loss = lm_loss(forward(x), x)
+            loss = forward(x, targets=x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

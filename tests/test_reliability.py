@@ -111,21 +111,21 @@ def test_damaged_checkpoint_without_previous_is_an_error(char_data, tmp_path):
 # -- non-finite losses --------------------------------------------------------------------
 
 def nan_on(calls: set[int], monkeypatch) -> None:
-    """Make `lm_loss` return NaN on the given (0-based) training calls."""
-    import gptkit.train as train_module
+    """Make the training loss NaN on the given (0-based) training calls."""
+    import gptkit.model as model_module
 
-    real = train_module.lm_loss
+    real = model_module.linear_cross_entropy
     counter = {"n": 0}
 
-    def patched(logits, targets):
-        loss = real(logits, targets)
+    def patched(hidden, weight, targets):
+        loss = real(hidden, weight, targets)
         if torch.is_grad_enabled():
             counter["n"] += 1
             if counter["n"] - 1 in calls:
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_module, "lm_loss", patched)
+    monkeypatch.setattr(model_module, "linear_cross_entropy", patched)
 
 
 def test_non_finite_step_is_skipped_and_logged(char_data, tmp_path, monkeypatch):
@@ -149,16 +149,16 @@ def test_consecutive_non_finite_steps_stop_training(char_data, tmp_path, monkeyp
 
 
 def test_loss_spike_is_logged(char_data, tmp_path, monkeypatch):
-    import gptkit.train as train_module
+    import gptkit.model as model_module
 
-    real = train_module.lm_loss
+    real = model_module.linear_cross_entropy
     counter = {"n": 0}
 
-    def spiky(logits, targets):
+    def spiky(hidden, weight, targets):
         counter["n"] += torch.is_grad_enabled()
-        return real(logits, targets) * (10.0 if counter["n"] == 8 else 1.0)
+        return real(hidden, weight, targets) * (10.0 if counter["n"] == 8 else 1.0)
 
-    monkeypatch.setattr(train_module, "lm_loss", spiky)
+    monkeypatch.setattr(model_module, "linear_cross_entropy", spiky)
     train(TrainConfig(data=str(char_data), out=str(tmp_path / "run"), max_steps=10, **TINY),
           progress=False)
     spikes = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r.get("event") == "loss_spike"]

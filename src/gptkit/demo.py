@@ -114,7 +114,7 @@ def _steps_in(seconds: float, shape: dict[str, int], vocab_size: int, batch_size
     from gptkit.config import GPTConfig, TrainConfig
     from gptkit.model import GPT
     from gptkit.runtime import pick_device
-    from gptkit.train import lm_loss, make_optimizer
+    from gptkit.train import make_optimizer
 
     dev = pick_device(device)
     model = GPT(GPTConfig(vocab_size=vocab_size, **shape)).to(dev)
@@ -123,7 +123,7 @@ def _steps_in(seconds: float, shape: dict[str, int], vocab_size: int, batch_size
     timings = []
     for _ in range(4):
         t = time.perf_counter()
-        lm_loss(model(x), x).backward()
+        model(x, targets=x).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit.config import GPTConfig
+from gptkit.crossentropy import cross_entropy, linear_cross_entropy
 from gptkit.errors import GptkitError
 
 COMPILED_MATH_ATTENTION_MAX_T = 256  # see CausalSelfAttention._compiled_short_causal
@@ -203,12 +204,16 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor, *, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
                 input_pos: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for token ids `idx` (B, T); (B, 1, V) with `last_only`.
 
-        Training: call with `idx` alone (causal attention, positions 0..T-1).
+        Training: call with `idx` alone (causal attention, positions 0..T-1), or with
+        `targets` (B, T) to get the mean next-token cross-entropy instead of the logits
+        (IGNORE_INDEX targets add nothing); the head and the loss then run as one step
+        that never keeps the logits (see `crossentropy`).
         Generation with a cache (see `setup_cache`): `input_pos` names the cache slots
         the T new tokens occupy, `position_ids` (B, T) their positions (they differ
         from slots under left padding), `attn_mask` (B, 1, T, S) which slots each
@@ -231,7 +236,12 @@ class GPT(nn.Module):
                 x = block(x, input_pos, attn_mask)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x)
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(x, self.lm_head.weight, targets)
+        return cross_entropy(self.lm_head(x), targets)  # a head replaced for inference (int8)
 
     # -- KV cache --------------------------------------------------------------------
 

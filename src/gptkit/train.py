@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from gptkit import distributed
 from gptkit.checkpoint import ensure_intact, recover, save_model, write_json
 from gptkit.config import GPTConfig, TrainConfig
+from gptkit.crossentropy import IGNORE_INDEX
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.runlog import RunLog
@@ -36,8 +36,7 @@ from gptkit.runtime import autocast, pick_device, pick_dtype
 
 STATE_NAME = "train_state.pt"
 TRAIN_CONFIG_NAME = "train_config.json"
-IGNORE_INDEX = -100
-SPIKE_FACTOR = 2.0  # a logged loss this many times the recent minimum is reported as a spike  # targets with this value (masked prompt tokens, padding) add no loss
+SPIKE_FACTOR = 2.0  # a logged loss this many times the recent minimum is reported as a spike
 
 
 class Batches(Protocol):
@@ -71,12 +70,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kind)
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets that are not IGNORE_INDEX."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device, dtype: torch.dtype,
@@ -99,9 +92,9 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            logits = model(x)
+            loss = model(x, targets=y)
         n = (y != IGNORE_INDEX).sum()
-        sums += torch.stack([lm_loss(logits, y).double() * n, n.double()])
+        sums += torch.stack([loss.double() * n, n.double()])
     model.train(was_training)
     if combine:
         sums = distributed.total(sums, info)
@@ -333,8 +326,7 @@ def run_loop(
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with distributed.no_sync(wrapped, sync=micro == cfg.grad_accum - 1):
                     with autocast(device, dtype):
-                        logits = forward(x)
-                    loss = lm_loss(logits, y) / cfg.grad_accum
+                        loss = forward(x, targets=y) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
                 step_tokens += x.numel() * info.world_size
