@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import gptkit.model
 from gptkit import GPT, GPTConfig, GptkitError
 from gptkit.checkpoint import commit_files, recover
-from gptkit.model import causal_attention
+from gptkit.model import causal_attention, gelu_tanh
 
 TINY = dict(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -249,3 +249,21 @@ def test_compiled_cpu_training_traces_the_written_out_attention(monkeypatch):
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_compiled_gelu_form_equals_the_tanh_gelu():
+    traced = []
+
+    def recording_backend(graph_module, example_inputs):
+        traced.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module
+
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(gelu_tanh, backend=recording_backend, fullgraph=True)
+    reference = torch.nn.functional.gelu(x, approximate="tanh")
+    assert torch.allclose(compiled(x), reference, atol=1e-12)
+    assert any("sigmoid" in op for op in traced) and not any("gelu" in op for op in traced)
+    ours, = torch.autograd.grad(compiled(x).sum(), x)
+    theirs, = torch.autograd.grad(reference.sum(), x)
+    assert torch.allclose(ours, theirs, atol=1e-12)
+    assert torch.equal(gelu_tanh(x), reference)  # eager keeps ATen's kernel

@@ -24,6 +24,7 @@ from gptkit.crossentropy import cross_entropy, linear_cross_entropy
 from gptkit.errors import GptkitError
 
 COMPILED_MATH_ATTENTION_MAX_T = 256  # see CausalSelfAttention._compiled_short_causal
+GELU_TWO_Z = 2 * math.sqrt(2 / math.pi)  # tanh(z) = 2 sigmoid(2z) - 1; see gelu_tanh
 
 
 class KVCache(nn.Module):
@@ -125,7 +126,19 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with GPT-2's tanh approximation, 0.5 x (1 + tanh(z)), z = sqrt(2/pi)(x + 0.044715 x^3).
+
+    While `torch.compile` traces it on CPU it is written as the identical x * sigmoid(2z):
+    the compiler's vectorized exp makes that twice as fast as its tanh, forward and
+    backward (0.43 vs 0.90 ms on a `tiny` training step's 768 x 512 activations).
+    """
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        return x * torch.sigmoid(x * (GELU_TWO_Z + GELU_TWO_Z * 0.044715 * x * x))
+    return F.gelu(x, approximate="tanh")
 
 
 class Block(nn.Module):
