@@ -5,9 +5,10 @@ All models hold the same random weights and run in the same process on 2 threads
 interleaved repeat by repeat, so their ratios are meaningful even on a shared, noisy
 machine (absolute numbers drift ~10%, more under load). Each row reports time to first
 token (prefill + one token), decode tokens/s after it, the ratio to transformers, and
-the fraction of the bound that the read bandwidth measured in the same run puts on
-decoding: every step streams the weights the row's layout holds (fp32, bf16 or int8)
-once, whatever the batch size. Peak memory is measured apart, one fresh process per
+the fraction of the bound that the read bandwidth puts on decoding: every step streams
+the weights the row's layout holds (fp32, bf16 or int8) once, whatever the batch size.
+"of bound" pairs each round's decode speed with the bandwidth measured just before that
+round; "of best" sets the median speed against the highest bandwidth of the case. Peak memory is measured apart, one fresh process per
 row: the peak RSS of building the model and generating, above the RSS after imports.
 
     python benchmarks/bench_generate.py            # ~5 minutes
@@ -72,8 +73,7 @@ CUDA_CASES = [Case("gpt2 124M, batch 1", "gpt2", 1), Case("gpt2 124M, batch 64",
 
 def read_bandwidth(gigabytes: float, device: str) -> float:
     """Bytes/s of the fastest full read of a large fp32 tensor (a sum or a dot product,
-    best of 5 each): the decode ceiling. Neighbours' load on a shared machine only ever
-    lowers it, so the run keeps the highest value it sees (see `main`)."""
+    best of 5 each): the decode ceiling."""
     x = torch.ones(int(gigabytes * (1 << 30)) // 4, device=device)
     x.sum().item()  # fault the pages in before timing
     reads = (lambda: x.sum().item(), lambda: torch.dot(x, x).item())
@@ -164,26 +164,40 @@ def case_inputs(case: Case, device: str = "cpu") -> tuple[GPT, torch.Tensor]:
 
 
 def bench_case(case: Case, impls: dict[str, dict | None], new_tokens: int, repeats: int,
-               bandwidth: float, device: str) -> list[dict]:
+               gigabytes: float, device: str) -> tuple[list[dict], float]:
+    """Rows for `case`, and the highest read bandwidth seen while running it.
+
+    Rounds are interleaved (every implementation once per round), so that load changes
+    hit all alike, and each round first re-measures the read bandwidth: the machine's
+    bandwidth swings by up to 2x between minutes, so each decode speed is set against the
+    bound measured seconds before it ("of bound": the median over rounds), and against
+    the highest bandwidth of the whole case ("of best bound")."""
     ours, ids = case_inputs(case, device)
     models = {impl: build(case, impl, s, ours) for impl, s in impls.items()}
     runs = {impl: runner(m, impls[impl] is None, ids, new_tokens) for impl, m in models.items()}
     results: dict[str, list[tuple[float, float, torch.Tensor]]] = {impl: [] for impl in impls}
-    for repeat in range(repeats + 1):  # interleaved, so that load changes hit all alike
+    bandwidths = []
+    for repeat in range(repeats + 1):
+        bandwidth = read_bandwidth(gigabytes, device)
         for impl, run in runs.items():
             result = run_once(run, new_tokens, case.batch, StepClock(impls[impl] is None))
             if repeat:  # the first round is a warm-up (and the compile)
                 results[impl].append(result)
+        if repeat:
+            bandwidths.append(bandwidth)
     reference = results[HF][0][2].tolist()
     hf_decode = statistics.median(r[1] for r in results[HF])
     rows = []
     for impl, rs in results.items():
         decode = statistics.median(r[1] for r in rs)
-        bound = bandwidth / streamed_bytes(models[impl]) * case.batch
+        per_token = streamed_bytes(models[impl]) / case.batch
+        paired = [r[1] * per_token / bw for r, bw in zip(rs, bandwidths, strict=True)]
         rows.append(dict(case=case.name, impl=impl, ttft_ms=statistics.median(r[0] for r in rs)
-                         * 1e3, decode=decode, vs_hf=decode / hf_decode, bound=bound,
-                         of_bound=decode / bound, same_tokens=rs[0][2].tolist() == reference))
-    return rows
+                         * 1e3, decode=decode, vs_hf=decode / hf_decode,
+                         bound=max(bandwidths) / per_token, of_bound=statistics.median(paired),
+                         of_best_bound=decode * per_token / max(bandwidths),
+                         same_tokens=rs[0][2].tolist() == reference))
+    return rows, max(bandwidths)
 
 
 def peak_memory_mb(case: Case, impl: str, settings: dict | None) -> float:
@@ -237,27 +251,29 @@ def main() -> None:
     new_tokens, repeats = (32, 1) if args.quick else (128, 3)
     cuda = args.device == "cuda"
     impls = CUDA_IMPLS if cuda else {**IMPLS, **(COMPILED if args.compile else {})}
-    bandwidth = read_bandwidth(0.25 if args.quick else 1.0, args.device)
+    gigabytes = 0.25 if args.quick else 1.0
+    bandwidth = read_bandwidth(gigabytes, args.device)
     with open("/proc/loadavg") as f:
         load = f.read().split()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, greedy, "
           f"prompt {PROMPT_LEN} tokens, {new_tokens} new tokens, median of {repeats}, "
           f"load average {load}")
     print(f"{_processor(args.device)}; read bandwidth {bandwidth / 1e9:.1f} GB/s at the start "
-          "(fastest full read of a large fp32 tensor; re-measured before each case and the "
-          "highest value kept)\n")
+          "(fastest full read of a large fp32 tensor; re-measured before each round)\n")
     print(f"{'case':<20} {'impl':<20} {'TTFT ms':>8} {'decode t/s':>10} {'vs HF':>7} "
-          f"{'bound t/s':>9} {'of bound':>8} {'peak MB':>8}")
+          f"{'bound t/s':>9} {'of bound':>8} {'of best':>8} {'peak MB':>8}")
     all_rows = []
     for case in CUDA_CASES if cuda else CASES:
-        bandwidth = max(bandwidth, read_bandwidth(0.25 if args.quick else 1.0, args.device))
-        for row in bench_case(case, impls, new_tokens, repeats, bandwidth, args.device):
+        rows, case_bandwidth = bench_case(case, impls, new_tokens, repeats, gigabytes,
+                                          args.device)
+        bandwidth = max(bandwidth, case_bandwidth)
+        for row in rows:
             row["peak_mb"] = (float("nan") if args.no_memory or cuda
                               else peak_memory_mb(case, row["impl"], impls[row["impl"]]))
             all_rows.append(row)
             print(f"{row['case']:<20} {row['impl']:<20} {row['ttft_ms']:>8.1f} "
                   f"{row['decode']:>10.1f} {row['vs_hf']:>6.2f}x {row['bound']:>9.1f} "
-                  f"{row['of_bound']:>8.0%} {row['peak_mb']:>8.0f}"
+                  f"{row['of_bound']:>8.0%} {row['of_best_bound']:>8.0%} {row['peak_mb']:>8.0f}"
                   + ("" if row["same_tokens"] else "  (tokens differ from transformers)"),
                   flush=True)
     print(f"\nhighest read bandwidth seen: {bandwidth / 1e9:.1f} GB/s")
