@@ -4,10 +4,10 @@ With a large vocabulary the head dominates a small model's step: for the `small`
 (384 wide, 50k vocabulary) its three matmuls are two thirds of the FLOPs, and the
 logits tensor (tokens x vocabulary, 400 MB at batch 8 x 256) is read and written about
 ten times by the usual log_softmax -> nll -> backward chain. Here the softmax gradient
-is computed in place in the logits buffer during the forward, so the chain shrinks to
-four passes, one big buffer instead of three, and the backward is two matmuls. The
-logits are computed as weight @ hidden^T (vocabulary-major), the orientation in which
-MKL's CPU GEMM runs at full speed for this shape (about 30% faster than hidden @ weight^T).
+is computed in place in the logits buffer during the forward: a few passes over one big
+buffer instead of three buffers, and the backward is two matmuls. On CPU, fp32 logits
+are computed as weight @ hidden^T (vocabulary-major), the orientation in which MKL's GEMM
+runs at full speed for this shape (about 30% faster than hidden @ weight^T).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, skipping IGNORE_INDEX.
 
     hidden (..., C), weight (V, C), targets (...). Equals
-    `F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), targets.flatten(),
-    ignore_index=IGNORE_INDEX)` including under autocast, where the matmuls run in the
-    autocast dtype and the softmax in fp32.
+    `cross_entropy(F.linear(hidden, weight), targets)`, also under autocast, where the
+    matmuls run in the autocast dtype and the loss is summed in fp32. With gradients
+    enabled the forward also forms d(loss)/d(logits), so that the backward is two matmuls.
     """
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     device = hidden.device.type
