@@ -112,8 +112,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     textbook form, which the compiler fuses (scale, mask, softmax and their backward)."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
     i = torch.arange(q.size(-2), device=q.device)
-    # a comparison of indices, not masked_fill with a triu mask: inductor then keeps the
-    # mask out of memory (the softmax + backward of a `tiny` layer: 0.9 vs 1.2 ms)
+    # an index comparison, not masked_fill with a bool triu mask, which inductor compiles
+    # into a slower softmax (a `tiny` layer's attention forward+backward: 1.2 vs 0.9 ms)
     future = i[None, :] > i[:, None]
     return torch.where(future, float("-inf"), scores).softmax(-1) @ v
 
