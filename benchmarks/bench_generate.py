@@ -8,8 +8,9 @@ token (prefill + one token), decode tokens/s after it, the ratio to transformers
 the fraction of the bound that the read bandwidth puts on decoding: every step streams
 the weights the row's layout holds (fp32, bf16 or int8) once, whatever the batch size.
 "of bound" pairs each round's decode speed with the bandwidth measured just before that
-round; "of best" sets the median speed against the highest bandwidth of the case. Peak memory is measured apart, one fresh process per
-row: the peak RSS of building the model and generating, above the RSS after imports.
+round; "of best" sets the median speed against the highest bandwidth of the case. Peak
+memory is measured apart, one fresh process per row: the peak RSS of building the model
+and generating, above the RSS after imports.
 
     python benchmarks/bench_generate.py            # ~5 minutes
     python benchmarks/bench_generate.py --quick    # fewer tokens and repeats
@@ -177,14 +178,13 @@ def bench_case(case: Case, impls: dict[str, dict | None], new_tokens: int, repea
     runs = {impl: runner(m, impls[impl] is None, ids, new_tokens) for impl, m in models.items()}
     results: dict[str, list[tuple[float, float, torch.Tensor]]] = {impl: [] for impl in impls}
     bandwidths = []
-    for repeat in range(repeats + 1):
-        bandwidth = read_bandwidth(gigabytes, device)
+    for repeat in range(repeats + 1):  # the first round is a warm-up (and the compile)
+        if repeat:
+            bandwidths.append(read_bandwidth(gigabytes, device))
         for impl, run in runs.items():
             result = run_once(run, new_tokens, case.batch, StepClock(impls[impl] is None))
-            if repeat:  # the first round is a warm-up (and the compile)
+            if repeat:
                 results[impl].append(result)
-        if repeat:
-            bandwidths.append(bandwidth)
     reference = results[HF][0][2].tolist()
     hf_decode = statistics.median(r[1] for r in results[HF])
     rows = []

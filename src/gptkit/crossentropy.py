@@ -40,8 +40,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
         return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
     with torch.autocast(device, enabled=False):
         logits = _vocabulary_major_logits(hidden.to(dtype), weight.to(dtype))
-        loss, _ = _loss_and_probabilities(logits, targets)
-    return loss
+        return _exp_and_loss(logits, targets)[0]
 
 
 def _vocabulary_major_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -53,23 +52,23 @@ def _vocabulary_major_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torc
     return (hidden @ weight.t()).t()
 
 
-def _loss_and_probabilities(logits: torch.Tensor, targets: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean loss over valid targets; overwrites `logits` (V, N) with the softmax (columns).
+def _exp_and_loss(logits: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean loss over valid targets; overwrites `logits` (V, N) with exp(logit - column max).
 
-    Also returns each column's weight in the mean: 1/n for valid targets, 0 for ignored.
+    Also returns, per column: the sum of those exps (the softmax's denominator), the
+    column's weight in the mean (1/n for a valid target, 0 for an ignored one) and the
+    row of its target (0 for an ignored one).
     """
     valid = targets != IGNORE_INDEX
     picked = torch.where(valid, targets, 0)
     target_logit = logits.gather(0, picked.unsqueeze(0)).squeeze(0).float()
     peak = logits.amax(0)
-    probs = logits.sub_(peak).exp_()
-    total = probs.sum(0, dtype=torch.float32)
-    probs.div_(total.to(probs.dtype))
+    total = logits.sub_(peak).exp_().sum(0, dtype=torch.float32)
     log_norm = peak.float() + total.log()  # log-sum-exp of each column
     weights = valid.float() / valid.sum().clamp(min=1)
     loss = ((log_norm - target_logit) * weights).sum()
-    return loss, weights
+    return loss, total, weights, picked
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -82,10 +81,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
             logits = _vocabulary_major_logits(hidden_c, weight_c)
-            loss, weights = _loss_and_probabilities(logits, targets)
+            loss, total, weights, picked = _exp_and_loss(logits, targets)
             # softmax - one_hot(target): the gradient of each column's loss
-            columns = torch.arange(targets.numel(), device=hidden.device)
-            logits[torch.where(weights > 0, targets, 0), columns] -= 1
+            logits.div_(total.to(logits.dtype))
+            logits[picked, torch.arange(targets.numel(), device=hidden.device)] -= 1
         ctx.save_for_backward(hidden_c, weight_c, logits, weights)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss

@@ -153,8 +153,8 @@ def prepare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Encode a corpus into `out_dir` (train.bin, val.bin, meta.json, tokenizer/); return
-    the meta dict. `workers` is the number of tiktoken encoding threads (default: all
-    cores); see `Tokenizer.encode_batch`."""
+    the meta dict. `workers` is the number of encoding threads (default: all cores); each
+    encodes ~1M-character groups with `Tokenizer.encode_numpy`."""
     if not 0 <= val_fraction < 1:
         raise GptkitError(f"val_fraction {val_fraction} is outside [0, 1).")
     if workers is not None and workers < 1:

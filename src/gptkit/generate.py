@@ -533,7 +533,7 @@ def _collect(tokens: Iterator[torch.Tensor], ids: torch.Tensor, max_new_tokens: 
     return out[:, :end]
 
 
-def partial_stop(text: str, stops: Sequence[str]) -> int:
+def _partial_stop(text: str, stops: Sequence[str]) -> int:
     """Length of the longest end of `text` that could be the start of a stop string."""
     return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
 
@@ -570,7 +570,7 @@ class TextStream:
         if hits:
             ready, self.held = self.held[:min(hits)], ""
             return ready, True
-        cut = len(self.held) - partial_stop(self.held, self.stops)
+        cut = len(self.held) - _partial_stop(self.held, self.stops)
         ready, self.held = self.held[:cut], self.held[cut:]
         return ready, False
 
