@@ -109,7 +109,7 @@ def test_rowwise_matmul_compiled_by_inductor_is_the_matmul(weight_dtype):
     torch.manual_seed(0)
     weight = (torch.randn(40, 96) * 30).to(weight_dtype)  # int8: whole numbers up to ~±100
     reference = torch.compile(rowwise_matmul, fullgraph=True, dynamic=False)
-    for rows in (1, 3):  # batch 1 broadcasts; larger batches keep one accumulator per row
+    for rows in (1, 3):  # one accumulator per input row
         x = torch.randn(rows, 96)
         expected = x @ weight.float().t()
         assert torch.allclose(reference(x, weight), expected, rtol=1e-5, atol=1e-3)
