@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 
 import gptkit.fast
+import gptkit.model
 import gptkit.quantize
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.fast import GuardedStep, RowLinear, optimize_for_inference
+from gptkit.fast import GuardedStep, RowLinear, TiledLinear, optimize_for_inference
 from gptkit.generate import generate
-from gptkit.model import GPT
+from gptkit.model import GPT, masked_attention
 from gptkit.quantize import quantize_per_channel
-from gptkit.rowwise import rowwise_matmul
+from gptkit.rowwise import rowwise_matmul, tile_weight, tiled_matmul
 
 BLOCK = 64
 PROMPTS = ["ROMEO:\nWhat ", "First Citizen:\nWe ", "KING HENRY:\nThe "]
@@ -115,29 +116,69 @@ def test_rowwise_matmul_compiled_by_inductor_is_the_matmul(weight_dtype):
         assert torch.allclose(reference(x, weight), expected, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("out_features", [48, 45])  # whole tiles, and a zero-padded last tile
+def test_tiled_matmul_is_the_matmul_eager_and_compiled(out_features):
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, 96)
+    tiles = tile_weight(weight)
+    assert tiles.shape == (3, 96, 16)
+    assert torch.equal(tiles[1, 5], weight[16:32, 5])  # tile 1 holds features 16-31
+    assert not tiles[2, :, out_features - 32:].any()
+    compiled = torch.compile(tiled_matmul, fullgraph=True, dynamic=False)
+    for rows in (1, 3, 20):  # decode rows (compiled: fused), and a prompt's (batched GEMM)
+        x = torch.randn(rows, 96)
+        expected = x @ weight.t()
+        for product in (tiled_matmul, compiled):
+            got = product(x, tiles)
+            assert got.shape == (rows, 48)
+            assert torch.allclose(got[:, :out_features], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_masked_attention_is_sdpa_with_the_mask():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 1, 8, dtype=torch.float64)  # one new token over 10 cache slots
+    k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(2, 1, 1, 10) < 0.6
+    mask[..., 4] = True  # every row sees at least one slot, as its own always is
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(masked_attention(q, k, v, mask), expected, atol=1e-12)
+
+
 @pytest.mark.parametrize("settings", [{}, {"quantize": "int8"}])
 def test_inductor_decode_step_gives_the_eager_tokens(shakespeare, settings, monkeypatch):
-    # The real compiler, so the row-wise products run as generated C++ (not monkeypatched).
+    # The real compiler, so the products run as generated C++ (not monkeypatched).
     model, vocab, _ = shakespeare
-    traced = []  # the row count of each row-wise product (dynamo replays the append per call)
+    traced = []  # (what, rows) per traced call; dynamo replays the appends at every step
 
-    def spy(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        traced.append(flat.size(0))
-        return rowwise_matmul(flat, weight)
+    def spy(name, product):
+        def recorded(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            if torch.compiler.is_compiling():
+                traced.append((name, flat.size(0)))
+            return product(flat, weight)
+        return recorded
 
-    monkeypatch.setattr(gptkit.fast, "rowwise_matmul", spy)
-    monkeypatch.setattr(gptkit.quantize, "rowwise_matmul", spy)
+    def attention_spy(q, k, v, attn_mask):
+        traced.append(("attention", q.size(2)))
+        return masked_attention(q, k, v, attn_mask)
+
+    monkeypatch.setattr(gptkit.fast, "rowwise_matmul", spy("rowwise", rowwise_matmul))
+    monkeypatch.setattr(gptkit.quantize, "rowwise_matmul", spy("rowwise", rowwise_matmul))
+    monkeypatch.setattr(gptkit.fast, "tiled_matmul", spy("tiled", tiled_matmul))
+    monkeypatch.setattr(gptkit.model, "masked_attention", attention_spy)
     eager = optimize_for_inference(copy.deepcopy(model), **settings)
     compiled = optimize_for_inference(copy.deepcopy(model), compile=True, **settings)
-    assert all(isinstance(m, RowLinear) for m in (compiled.lm_head, compiled.transformer.h[0].mlp.c_fc)
-               ) == (not settings)
+    assert isinstance(compiled.transformer.h[0].mlp.c_fc, RowLinear) == (not settings)
+    assert isinstance(compiled.lm_head, TiledLinear) == (not settings)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback happened
         assert greedy(compiled, vocab, PROMPTS[0], 20) == greedy(eager, vocab, PROMPTS[0], 20)
     assert compiled.compiled_decode.compiled is not None
-    # the prompt's token comes from prefill; each of the 19 decode steps ran every linear
-    # layer (4 per block and the head) as a row-wise product over its one row
-    assert traced == [1] * 19 * (4 * model.config.n_layer + 1)
+    # Each of the 19 decode steps ran every linear layer of the blocks (4 per block) as a
+    # row-wise product over its one row, attention written out for its one query, and
+    # the head: tiled in fp32, row-wise in int8.
+    head = ("rowwise", 1) if settings else ("tiled", 1)
+    block = [("rowwise", 1), ("attention", 1), ("rowwise", 1), ("rowwise", 1), ("rowwise", 1)]
+    assert traced == (block * model.config.n_layer + [head]) * 19
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(shakespeare, monkeypatch):

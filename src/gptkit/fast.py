@@ -15,6 +15,8 @@ the layer that suits the dtype and device:
 
 With `compile=True` on CPU the decode step's products become `gptkit.rowwise` loops that
 the compiler fuses into one pass per weight, about twice MKL's GEMV speed at batch 1-8.
+An fp32 LM head on CPU is a `TiledLinear` instead, compiled or not: its weight in tiles
+of 16 output features streams fastest both ways.
 
 The LM head is tied to the token embedding in training; here it gets its own copy in the
 fast layout while the embedding stays as it is for lookups. The model is changed in
@@ -36,7 +38,7 @@ from torch import nn
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 from gptkit.quantize import Int8Linear
-from gptkit.rowwise import fuses_rows, rowwise_matmul
+from gptkit.rowwise import fuses_rows, rowwise_matmul, tile_weight, tiled_matmul
 
 QUANTIZE_CHOICES = ("int8",)
 
@@ -97,6 +99,21 @@ class RowLinear(nn.Module):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
+class TiledLinear(nn.Module):
+    """An fp32 linear without bias over its weight in tiles of 16 output features (see
+    `gptkit.rowwise.tiled_matmul`): the LM head's layout on CPU, where its 50k short rows
+    are the largest product of a decode step."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features = weight.size(0)
+        self.register_buffer("tiles", tile_weight(weight.detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tiled_matmul(x.reshape(-1, x.size(-1)), self.tiles)[:, :self.out_features]
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively (AVX512-BF16 / AMX on CPU, Ampere+ on CUDA)."""
     if device.type == "cuda":
@@ -131,7 +148,9 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             setattr(parent, name, make(getattr(parent, name)))
-    model.lm_head = make(model.lm_head)  # its own copy: unties it from the embedding
+    # the head gets its own copy, untied from the embedding
+    tiled = device.type == "cpu" and dtype == torch.float32 and quantize is None
+    model.lm_head = TiledLinear(model.lm_head.weight) if tiled else make(model.lm_head)
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm)):
             module.to(dtype)

@@ -85,6 +85,8 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs)
         if self._compiled_short_causal(x, attn_mask):
             y = causal_attention(q, k, v)
+        elif self._compiled_decode(x, attn_mask):
+            y = masked_attention(q, k, v, attn_mask)
         else:
             # Flash / memory-efficient kernels when available; the causal mask is implicit
             # in training and explicit (over cache slots and padding) in generation.
@@ -106,6 +108,14 @@ class CausalSelfAttention(nn.Module):
                 and x.size(1) <= COMPILED_MATH_ATTENTION_MAX_T
                 and not (self.training and self.dropout > 0))
 
+    def _compiled_decode(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+        """Whether `torch.compile` is tracing a CPU decode step (a few new tokens over the
+        cache, a bool mask), where `masked_attention` fuses into the step's own kernels:
+        SDPA stays a separate call whose fixed cost is ~10% of a `small` token."""
+        return (torch.compiler.is_compiling() and x.device.type == "cpu"
+                and self.kv_cache is not None and attn_mask is not None
+                and attn_mask.dtype == torch.bool and not self.training)
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(hs) + causal mask) V written out, (B, nh, T, hs) each: the
@@ -116,6 +126,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     # into a slower softmax (a `tiny` layer's attention forward+backward: 1.2 vs 0.9 ms)
     future = i[None, :] > i[:, None]
     return torch.where(future, float("-inf"), scores).softmax(-1) @ v
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     attn_mask: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(hs)) V over the key slots where the bool `attn_mask` is True,
+    written out for the compiler: q (B, nh, T, hs), k and v (B, nh, S, hs)."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    return torch.where(attn_mask, scores, float("-inf")).softmax(-1) @ v
 
 
 class MLP(nn.Module):
