@@ -13,7 +13,14 @@ from tokenizers import Tokenizer as HFTokenizer
 from transformers import AutoTokenizer
 
 from gptkit.errors import GptkitError
-from gptkit.tokenizer import EOT, GPT2_PATTERN, Tokenizer, read_text_chunks
+from gptkit.tokenizer import (
+    EOT,
+    GPT2_PATTERN,
+    Tokenizer,
+    _tiktoken_encoding,
+    bytes_to_unicode,
+    read_text_chunks,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_DIR = DATA / "gpt2-tokenizer"
@@ -99,6 +106,18 @@ def test_fast_engine_equals_tokenizers_engine(bpe: Tokenizer, tmp_path: Path) ->
     expected = [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
     assert bpe.encode_batch(texts) == expected
     assert [bpe.encode(t) for t in texts] == expected
+
+
+def test_tiktoken_engine_only_for_tokens_of_the_byte_alphabet() -> None:
+    vocab = {c: b for b, c in bytes_to_unicode().items()}  # id = the byte
+    eot = {"content": EOT, "id": 257, "lstrip": False, "rstrip": False, "single_word": False}
+    spec = {"model": {"type": "BPE", "vocab": {**vocab, "ĠĠ": 256}, "merges": ["Ġ Ġ"]},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+            "added_tokens": [eot]}
+    encoding = _tiktoken_encoding(spec, EOT)
+    assert encoding.encode("a   b") == [97, 256, 32, 98]  # "Ġ" stands for a space byte
+    spec["model"].update(vocab={**vocab, "中文": 256}, merges=["中 文"])  # not byte-level
+    assert _tiktoken_encoding(spec, EOT) is None
 
 
 def test_trained_bpe_layout(trained: Tokenizer) -> None:

@@ -202,9 +202,12 @@ def _tiktoken_encoding(spec: dict[str, Any], eos_token: str) -> tiktoken.Encodin
         last = rank
     if len(merged) + 256 != len(vocab):
         return None
+    # Each byte-level character becomes the byte it stands for and any other character
+    # U+FFFF, which latin-1 cannot encode: one C-level pass per token.
+    to_bytes = {i: 0xFFFF for i in range(256)} | {ord(c): b for c, b in byte_of.items()}
     try:
-        ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
-    except KeyError:
+        ranks = {tok.translate(to_bytes).encode("latin-1"): i for tok, i in vocab.items()}
+    except UnicodeEncodeError:
         return None
     return tiktoken.Encoding(
         name="gptkit", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special
@@ -237,16 +240,16 @@ class Tokenizer:
         self._backend = backend
         spec = json.loads(backend.to_str())
         self._kind = _detect_kind(spec)
-        vocab = backend.get_vocab(with_added_tokens=True)
-        if eos_token not in vocab:
+        eos_id = backend.token_to_id(eos_token)
+        if eos_id is None:
             raise GptkitError(
                 f"the tokenizer has no end-of-text token {eos_token!r}; expected it in its "
                 "vocabulary."
             )
         self._eos_token = eos_token
-        self._eos_id = vocab[eos_token]
+        self._eos_id = eos_id
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self._unk_id = vocab.get(UNK) if self._kind == "char" else None
+        self._unk_id = backend.token_to_id(UNK) if self._kind == "char" else None
         self._fast = _tiktoken_encoding(spec, eos_token) if self._kind == "bpe" else None
         self.model_max_length = model_max_length
 
