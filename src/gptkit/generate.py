@@ -512,23 +512,23 @@ def _collect(tokens: Iterator[torch.Tensor], ids: torch.Tensor, max_new_tokens: 
     out = torch.full((rows, prompt_len + max_new_tokens), 0 if pad is None else pad,
                      dtype=torch.long, device=ids.device)
     out[:, :prompt_len] = ids
-    ended = torch.zeros(rows, dtype=torch.bool, device=ids.device)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device)
+    # Bookkeeping in Python ints: a decode step's token is a few numbers, and tensor ops
+    # on them would cost more than they check.
+    ended = [False] * rows
+    eos_set = set(eos)
     texts = [TextStream(tokenizer, stops) for _ in range(rows)] if stops else []
     end = prompt_len
     for token in tokens:
-        if pad is not None:
-            token = token.masked_fill(ended, pad)
+        if pad is not None and any(ended):
+            token = token.masked_fill(torch.tensor(ended, device=token.device), pad)
         out[:, end] = token
         end += 1
         if streamer is not None:
             streamer(token)
-        newly = torch.isin(token, eos_ids)
-        if texts:
-            for row in (~ended & ~newly).nonzero().flatten().tolist():
-                newly[row] = texts[row].push(int(token[row]))[1]
-        ended |= newly
-        if bool(ended.all()):
+        for row, value in enumerate(token.tolist()):
+            if not ended[row]:
+                ended[row] = value in eos_set or bool(texts) and texts[row].push(value)[1]
+        if all(ended):
             break
     return out[:, :end]
 
