@@ -526,8 +526,8 @@ def _collect(tokens: Iterator[torch.Tensor], ids: torch.Tensor, max_new_tokens: 
         if streamer is not None:
             streamer(token)
         for row, value in enumerate(token.tolist()):
-            if not ended[row]:
-                ended[row] = value in eos_set or bool(texts) and texts[row].push(value)[1]
+            if not ended[row]:  # an eos token ends the row before its text is pushed
+                ended[row] = value in eos_set or (bool(texts) and texts[row].push(value)[1])
         if all(ended):
             break
     return out[:, :end]
