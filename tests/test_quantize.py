@@ -125,7 +125,9 @@ def test_tiled_matmul_is_the_matmul_eager_and_compiled(out_features):
     assert torch.equal(tiles[1, 5], weight[16:32, 5])  # tile 1 holds features 16-31
     assert not tiles[2, :, out_features - 32:].any()
     compiled = torch.compile(tiled_matmul, fullgraph=True, dynamic=False)
-    for rows in (1, 3, 20):  # decode rows (compiled: fused), and a prompt's (batched GEMM)
+    # decode rows (compiled: fused), a prompt's (batched GEMM over the tiles), and every
+    # logit of a long prompt (one GEMM over the untiled weight)
+    for rows in (1, 3, 20, 300):
         x = torch.randn(rows, 96)
         expected = x @ weight.t()
         for product in (tiled_matmul, compiled):

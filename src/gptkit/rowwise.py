@@ -42,6 +42,7 @@ def rowwise_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 TILE = 16  # output features per tile: one AVX-512 register of fp32 sums
+TILED_GEMM_MAX_ROWS = 256  # above this, one GEMM over the untiled weight is faster
 
 
 def tile_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -59,11 +60,14 @@ def tiled_matmul(flat: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     Under `torch.compile` on CPU, for a decode step's few rows, each tile becomes one
     contiguous read that multiplies every input by a vector of 16 weights and adds into a
     vector of 16 sums: no horizontal sums, and `small`'s LM head alone streams 5-25%
-    faster than as `rowwise_matmul`. Eagerly it is a batched GEMM over the tiles, which for a
-    few rows is also faster than MKL's GEMV over the plain layout (2-3 vs 3-4 ms at batch
-    1, 5 vs 11 ms at batch 8, for `small`'s head).
+    faster than as `rowwise_matmul`. Otherwise it is a batched GEMM over the tiles, which
+    up to a few hundred rows is also faster than MKL over the plain layout (for `small`'s
+    head: 2-3 vs 3-4 ms at 1 row, 5 vs 11 ms at 8, 99 vs 106 ms at 256); more rows (every
+    logit of a long prompt) untile the weight into one GEMM (1024 rows: 305 vs 405 ms).
     """
     if fuses_rows(flat):
         return torch.stack([(row[None, :, None] * tiles).sum(1).flatten()
                             for row in flat.unbind(0)])
+    if flat.size(0) > TILED_GEMM_MAX_ROWS:
+        return flat @ tiles.transpose(1, 2).reshape(-1, tiles.size(1)).t()
     return torch.matmul(flat, tiles).transpose(0, 1).reshape(flat.size(0), -1)
