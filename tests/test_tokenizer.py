@@ -138,9 +138,11 @@ def test_bpe_round_trip_any_text(gpt2: Tokenizer, trained: Tokenizer, text: str)
         assert tok.decode(tok.encode(text)) == text
 
 
-def test_unpaired_surrogate_is_refused(gpt2: Tokenizer) -> None:
-    with pytest.raises(GptkitError, match="unpaired surrogate '\\\\ud800' at position 1"):
-        gpt2.encode("a\ud800b")
+@pytest.mark.parametrize("encode", ["encode", "encode_numpy"])
+def test_unpaired_surrogate_is_refused(gpt2: Tokenizer, char: Tokenizer, encode: str) -> None:
+    for tok in (gpt2, char):
+        with pytest.raises(GptkitError, match="unpaired surrogate '\\\\ud800' at position 1"):
+            getattr(tok, encode)("a\ud800b")
 
 
 def test_shared_samples_round_trip(bpe: Tokenizer) -> None:
