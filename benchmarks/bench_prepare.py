@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -63,10 +64,12 @@ def main() -> None:
             best[key] = max(best.get(key, 0.0), megabytes / seconds)
             return result
 
-        for _ in range(args.rounds):
+        for n in range(args.rounds):
             for label, tok_dir in vocabularies:
-                measure((label, "ours"), lambda d=tok_dir: prepare([corpus], d, tmp / "data",
-                                                                   progress=False))
+                out = tmp / f"data{n}"  # a new directory, as a user prepares into
+                measure((label, "ours"), lambda d=tok_dir, o=out: prepare([corpus], d, o,
+                                                                          progress=False))
+                shutil.rmtree(out)
                 encoding = tokenizers[label]._fast  # the engine gptkit uses; None if ids differ
                 if encoding is not None:
                     measure((label, "tiktoken"), lambda enc=encoding: enc.encode_ordinary(text))

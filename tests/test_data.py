@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from gptkit import data
 from gptkit.data import (
     TokenBatches,
     corpus_texts,
@@ -127,6 +128,19 @@ def test_uint32_for_large_vocabularies(tmp_path: Path) -> None:
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 66_002
     assert load_tokens(tmp_path / "out", "train").dtype == np.uint32
     assert _read(tmp_path / "out", "train") == [65_997, 65_998, 65_999, 66_000]
+
+
+def test_many_pieces_encode_like_the_whole_file(
+    tok_dir: Path, tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file read in many pieces, encoded by two threads out of order, gives the ids of
+    the whole text in corpus order."""
+    monkeypatch.setattr(data, "_PIECE_BYTES", 4096)
+    monkeypatch.setattr(data, "_GROUP_CHARS", 2048)
+    (tmp_path / "input.txt").write_text(SHAKESPEARE, encoding="utf-8")
+    prepare([tmp_path / "input.txt"], tok_dir, tmp_path / "out", workers=2, progress=False)
+    ids = _read(tmp_path / "out", "train") + _read(tmp_path / "out", "val")
+    assert ids == tok.encode(SHAKESPEARE) + [tok.eos_token_id]
 
 
 def test_prepare_is_deterministic(tok_dir: Path, tmp_path: Path) -> None:
