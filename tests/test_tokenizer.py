@@ -228,6 +228,21 @@ def test_read_text_chunks_cut_where_tokens_do_not_change(gpt2: Tokenizer, tmp_pa
     assert [i for c, _ in chunks for i in gpt2.encode(c)] == gpt2.encode(text)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 5, 64])
+def test_read_text_chunks_replaces_invalid_bytes_after_valid_pieces(
+    tmp_path: Path, chunk_bytes: int
+) -> None:
+    """Pieces decode strictly until the first invalid byte (a character may straddle two
+    pieces), then every invalid byte becomes U+FFFD, also in later pieces."""
+    valid = "naïve “quotes” 中文 ok\n".encode() * 4
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(valid + b"bad \xff\xfe end " + valid + b"\xe4 tail \xc3")
+    with pytest.warns(UserWarning, match=r"mixed.txt: 4 bytes that are not valid UTF-8"):
+        text = "".join(c for c, _ in read_text_chunks(path, chunk_bytes=chunk_bytes))
+    clean = valid.decode()
+    assert text == clean + "bad \ufffd\ufffd end " + clean + "\ufffd tail \ufffd"
+
+
 def test_train_from_files_warns_about_invalid_utf8(tmp_path: Path) -> None:
     path = tmp_path / "bad.txt"
     path.write_bytes(b"caf\xe9 ol\xff\xfe\n" * 3)

@@ -80,7 +80,22 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:
     """Decode UTF-8, each invalid byte becoming U+FFFD; return the text and that count."""
-    return _replace_escapes(raw.decode("utf-8", "surrogateescape"))
+    try:
+        return raw.decode("utf-8"), 0  # valid, the common case: one pass
+    except UnicodeDecodeError:
+        return _replace_escapes(raw.decode("utf-8", "surrogateescape"))
+
+
+def _decode_piece(decoder: codecs.IncrementalDecoder, raw: bytes, final: bool
+                  ) -> tuple[str, int]:
+    """`decode_utf8` for the next piece of a stream: strict while the bytes are valid, then
+    (from the first invalid byte on) with surrogateescape and the escapes replaced."""
+    if decoder.errors == "strict":
+        try:
+            return decoder.decode(raw, final), 0
+        except UnicodeDecodeError:  # the decoder keeps its state; decode again below
+            decoder.errors = "surrogateescape"
+    return _replace_escapes(decoder.decode(raw, final))
 
 
 def _replace_escapes(text: str) -> tuple[str, int]:
@@ -104,7 +119,7 @@ def read_text_chunks(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[t
     path = Path(path)
     if not path.is_file():
         raise GptkitError(f"{path} does not exist or is not a file; expected a text file.")
-    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
     replaced = 0
     carry = ""
     unreported = 0
@@ -112,7 +127,7 @@ def read_text_chunks(path: str | Path, chunk_bytes: int = 1 << 20) -> Iterator[t
         while True:
             raw = f.read(chunk_bytes)
             unreported += len(raw)
-            text, n = _replace_escapes(decoder.decode(raw, final=not raw))
+            text, n = _decode_piece(decoder, raw, final=not raw)
             replaced += n
             text = carry + text
             if not raw:
