@@ -239,7 +239,7 @@ def _encode_corpus(
             if tokenizer.unk_token_id is not None:
                 unknown += int(np.count_nonzero(arr == tokenizer.unk_token_id))
             split = "val" if is_val else "train"
-            sinks[split].write(arr.tobytes())
+            sinks[split].write(arr)  # the buffer itself, no bytes copy
             counts[split] += len(arr)
 
     def encode_group(texts: list[str]) -> list[np.ndarray]:
