@@ -221,8 +221,7 @@ def memory_child(preset: str, batch: int, impl: str) -> None:
     model = build(case, impl, settings, ours)
     del ours
     runner(model, settings is None, ids, 8)(StepClock(settings is None))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(max(peak, _rss_mb()) - before)
+    print(max(_peak_rss_mb(), _rss_mb()) - before)
 
 
 def _processor(device: str) -> str:
@@ -231,6 +230,13 @@ def _processor(device: str) -> str:
     with open("/proc/cpuinfo") as f:
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     return names[0] if names else "unknown CPU"
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since it started (VmHWM). Not ru_maxrss: a child keeps the
+    high-water mark of the parent it was forked from, which here holds every model."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def _rss_mb() -> float:
