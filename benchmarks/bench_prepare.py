@@ -85,8 +85,8 @@ def main() -> None:
                     (f"tiktoken batch, {cores} threads", best.get((label, "tiktoken batch")), cores),
                     ("HF tokenizers, one string", best[(label, "hf")], 1),
                     ("gptkit prepare (read+encode+write)", best[(label, "ours")], cores)]
-            reference = rows[0][1] or rows[2][1]
-            batch = (rows[1][1] or reference * cores) / cores
+            reference = rows[0][1] or rows[2][1]  # per core; HF when tiktoken cannot run
+            batch = rows[1][1] / cores if rows[1][1] else reference
             for engine, rate, used in rows:
                 if rate is not None:
                     print(f"{label:22} {engine:34} {rate:7.1f} {rate / used:14.1f} "
