@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit.errors import GptkitError
+from gptkit.hugepages import move_to_huge_pages
 from gptkit.model import GPT
 from gptkit.quantize import Int8Linear
 from gptkit.rowwise import fuses_rows, rowwise_matmul, tile_weight, tiled_matmul
@@ -154,6 +155,8 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm)):
             module.to(dtype)
+    if device.type == "cpu":
+        move_to_huge_pages(model)
     model.compiled_decode = _compile_decode(model, device) if compile else None
     return model
 
