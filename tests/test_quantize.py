@@ -18,7 +18,7 @@ import gptkit.quantize
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 from gptkit.fast import GuardedStep, RowLinear, TiledLinear, optimize_for_inference
-from gptkit.generate import generate
+from gptkit.generate import cache_size, generate
 from gptkit.model import GPT, masked_attention
 from gptkit.quantize import quantize_per_channel
 from gptkit.rowwise import rowwise_matmul, tile_weight, tiled_matmul
@@ -103,6 +103,30 @@ def test_compiled_step_equals_eager(shakespeare, monkeypatch):
         warnings.simplefilter("error", UserWarning)  # no fallback happened
         assert greedy(compiled, vocab, PROMPTS[0], 20) == greedy(model, vocab, PROMPTS[0], 20)
     assert compiled.compiled_decode.compiled is not None
+
+
+def test_compiled_step_serves_many_lengths_from_few_cache_sizes(shakespeare, monkeypatch):
+    model, vocab, _ = shakespeare
+    graphs = []  # one entry per graph dynamo hands to the backend, i.e. per compile
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: real_compile(fn, backend=counting_backend, fullgraph=True))
+    compiled = optimize_for_inference(copy.deepcopy(model), compile=True)
+    assert [cache_size(compiled, n) for n in (5, 16, 17, 33, BLOCK)] == [8, 16, 32, 64, BLOCK]
+    assert cache_size(model, 17) == 17  # an eager model's cache holds exactly what it needs
+    ids = torch.tensor([[vocab[c] for c in PROMPTS[2]]])  # 16 characters
+    draft = optimize_for_inference(copy.deepcopy(model), compile=True)
+    calls = [dict(max_new_tokens=4), dict(max_new_tokens=9), dict(max_new_tokens=16),
+             dict(max_new_tokens=6, num_beams=2), dict(max_new_tokens=12, draft_model=draft)]
+    for kwargs in calls:  # 20, 25 and 32 slots share a 32-slot cache; then beams, a draft
+        want = generate(model, ids, eos_token_id=None, **kwargs)
+        assert torch.equal(generate(compiled, ids, eos_token_id=None, **kwargs), want), kwargs
+    assert len(graphs) == 3  # at 32 slots: one row, two beam rows, the draft's row
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])

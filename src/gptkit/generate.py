@@ -146,6 +146,19 @@ def _seen_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torc
 
 # -- cache lifetime ----------------------------------------------------------------------
 
+def cache_size(model: GPT, needed: int) -> int:
+    """How many cache slots to give `model` when a generation needs `needed`.
+
+    A compiled decode step is specialized to the size of the cache it reads, so a compiled
+    model gets the next power of two (at most its context): a handful of sizes then serve
+    every prompt and length, where exact sizes cost a ~10 s compile per new length. The
+    spare slots lie beyond every position, hidden by the causal mask.
+    """
+    if getattr(model, "compiled_decode", None) is None:
+        return needed
+    return max(needed, min(1 << (needed - 1).bit_length(), model.config.block_size))
+
+
 @contextmanager
 def _cached(model: GPT, batch_size: int, max_slots: int) -> Iterator[None]:
     """Give `model` a fresh static cache in eval mode; put back its old cache and mode after,
@@ -169,10 +182,11 @@ def _sampled_tokens(model: GPT, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     """Greedy or sampled decoding; the consumer stops it by closing the iterator."""
     batch, prompt_len = ids.shape
     slots_needed = prompt_len + max_new_tokens
-    with _cached(model, batch, slots_needed):
+    size = cache_size(model, slots_needed)
+    with _cached(model, batch, size):
         with torch.inference_mode():
-            attn, positions = attention_layout(mask, slots_needed)
-            slots = torch.arange(slots_needed, device=ids.device)
+            attn, positions = attention_layout(mask, size)
+            slots = torch.arange(size, device=ids.device)
             seen = (_seen_tokens(ids, mask, model.config.vocab_size)
                     if sampling.repetition_penalty != 1.0 else None)
             logits = prefill(model, ids, slots[:prompt_len], positions[:, :prompt_len],
@@ -199,10 +213,11 @@ def _speculative_tokens(model: GPT, draft: GPT, ids: torch.Tensor, mask: torch.T
     """
     prompt_len = ids.size(1)
     slots_needed = prompt_len + max_new_tokens
-    with _cached(model, 1, slots_needed), _cached(draft, 1, slots_needed):
+    size = max(cache_size(model, slots_needed), cache_size(draft, slots_needed))
+    with _cached(model, 1, size), _cached(draft, 1, size):
         with torch.inference_mode():
-            attn, positions = attention_layout(mask, slots_needed)
-            slots = torch.arange(slots_needed, device=ids.device)
+            attn, positions = attention_layout(mask, size)
+            slots = torch.arange(size, device=ids.device)
             prompt = (slots[:prompt_len], positions[:, :prompt_len], attn[:, :, :prompt_len])
             token = prefill(model, ids, *prompt).argmax(-1)  # (1,)
             prefill(draft, ids, *prompt)
@@ -679,9 +694,10 @@ def _beam_search(model: GPT, ids: torch.Tensor, mask: torch.Tensor, max_new_toke
     def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return t.take_along_dim(index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
 
-    with _cached(model, rows, total):
-        attn, positions = attention_layout(mask, total)
-        slots = torch.arange(total, device=device)
+    size = cache_size(model, total)
+    with _cached(model, rows, size):
+        attn, positions = attention_layout(mask, size)
+        slots = torch.arange(size, device=device)
         logits = prefill(model, ids, slots[:prompt_len], positions[:, :prompt_len],
                          attn[:, :, :prompt_len])
         for cur in range(prompt_len, total):
