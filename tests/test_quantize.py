@@ -117,8 +117,10 @@ def test_compiled_step_serves_many_lengths_from_few_cache_sizes(shakespeare, mon
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **kw: real_compile(fn, backend=counting_backend, fullgraph=True))
     compiled = optimize_for_inference(copy.deepcopy(model), compile=True)
-    assert [cache_size(compiled, n) for n in (5, 16, 17, 33, BLOCK)] == [8, 16, 32, 64, BLOCK]
-    assert cache_size(model, 17) == 17  # an eager model's cache holds exactly what it needs
+    assert [cache_size(n, compiled) for n in (5, 16, 17, 33, BLOCK)] == [8, 16, 32, 64, BLOCK]
+    assert cache_size(17, model) == 17  # an eager model's cache holds exactly what it needs
+    short = GPT(GPTConfig(**{**model.config.to_dict(), "block_size": 48}))
+    assert cache_size(40, model, short) == 40 and cache_size(40, compiled, short) == 48
     ids = torch.tensor([[vocab[c] for c in PROMPTS[2]]])  # 16 characters
     draft = optimize_for_inference(copy.deepcopy(model), compile=True)
     calls = [dict(max_new_tokens=4), dict(max_new_tokens=9), dict(max_new_tokens=16),

@@ -146,17 +146,20 @@ def _seen_tokens(ids: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> torc
 
 # -- cache lifetime ----------------------------------------------------------------------
 
-def cache_size(model: GPT, needed: int) -> int:
-    """How many cache slots to give `model` when a generation needs `needed`.
+def cache_size(needed: int, *models: GPT) -> int:
+    """How many cache slots to give `models` (which share one attention layout) when a
+    generation needs `needed`.
 
-    A compiled decode step is specialized to the size of the cache it reads, so a compiled
-    model gets the next power of two (at most its context): a handful of sizes then serve
-    every prompt and length, where exact sizes cost a ~10 s compile per new length. The
-    spare slots lie beyond every position, hidden by the causal mask.
+    A compiled decode step is specialized to the size of the cache it reads, so where one
+    of them is compiled they get the next power of two (at most the shortest context): a
+    handful of sizes then serve every prompt and length, where exact sizes cost a ~10 s
+    compile per new length. The spare slots lie beyond every position, hidden by the
+    causal mask.
     """
-    if getattr(model, "compiled_decode", None) is None:
+    if all(getattr(model, "compiled_decode", None) is None for model in models):
         return needed
-    return max(needed, min(1 << (needed - 1).bit_length(), model.config.block_size))
+    context = min(model.config.block_size for model in models)
+    return max(needed, min(1 << (needed - 1).bit_length(), context))
 
 
 @contextmanager
@@ -182,7 +185,7 @@ def _sampled_tokens(model: GPT, ids: torch.Tensor, mask: torch.Tensor, max_new_t
     """Greedy or sampled decoding; the consumer stops it by closing the iterator."""
     batch, prompt_len = ids.shape
     slots_needed = prompt_len + max_new_tokens
-    size = cache_size(model, slots_needed)
+    size = cache_size(slots_needed, model)
     with _cached(model, batch, size):
         with torch.inference_mode():
             attn, positions = attention_layout(mask, size)
@@ -213,7 +216,7 @@ def _speculative_tokens(model: GPT, draft: GPT, ids: torch.Tensor, mask: torch.T
     """
     prompt_len = ids.size(1)
     slots_needed = prompt_len + max_new_tokens
-    size = max(cache_size(model, slots_needed), cache_size(draft, slots_needed))
+    size = cache_size(slots_needed, model, draft)
     with _cached(model, 1, size), _cached(draft, 1, size):
         with torch.inference_mode():
             attn, positions = attention_layout(mask, size)
@@ -694,7 +697,7 @@ def _beam_search(model: GPT, ids: torch.Tensor, mask: torch.Tensor, max_new_toke
     def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return t.take_along_dim(index.view(*index.shape, *([1] * (t.dim() - 2))), dim=1)
 
-    size = cache_size(model, total)
+    size = cache_size(total, model)
     with _cached(model, rows, size):
         attn, positions = attention_layout(mask, size)
         slots = torch.arange(size, device=device)

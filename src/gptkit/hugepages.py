@@ -57,7 +57,8 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE) -> bool:
     for key, size in sizes.items():
         tensor = sources.pop(key)  # held only by its modules now, so swapping frees it
         copy = block[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-        copy.copy_(tensor)
+        with torch.no_grad():
+            copy.copy_(tensor)
         start += size
         if isinstance(tensor, nn.Parameter):
             copy = nn.Parameter(copy, tensor.requires_grad)
