@@ -41,28 +41,26 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE) -> bool:
     Returns whether it moved them: not on systems without transparent huge pages, nor for
     modules with under `min_bytes` of tensors, where 4 KiB pages cost nothing.
     """
-    slots: dict[int, list[tuple[dict, str]]] = {}  # each distinct tensor: where it is held
-    sources: dict[int, torch.Tensor] = {}
+    held: dict[int, tuple[torch.Tensor, list[tuple[dict, str]]]] = {}  # tensor, its places
     for owner in module.modules():
         for table in (owner._parameters, owner._buffers):
             for name, tensor in table.items():
                 if _movable(tensor):
-                    sources[id(tensor)] = tensor
-                    slots.setdefault(id(tensor), []).append((table, name))
-    sizes = {key: -(-tensor.nbytes // _ALIGN) * _ALIGN for key, tensor in sources.items()}
+                    held.setdefault(id(tensor), (tensor, []))[1].append((table, name))
+    sizes = {key: -(-tensor.nbytes // _ALIGN) * _ALIGN for key, (tensor, _) in held.items()}
     if sum(sizes.values()) < min_bytes or not huge_pages_available():
         return False
     block = _huge_page_block(sum(sizes.values()))
     start = 0
     for key, size in sizes.items():
-        tensor = sources.pop(key)  # held only by its modules now, so swapping frees it
+        tensor, places = held.pop(key)  # held only by its modules now, so swapping frees it
         copy = block[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
         with torch.no_grad():
             copy.copy_(tensor)
         start += size
         if isinstance(tensor, nn.Parameter):
             copy = nn.Parameter(copy, tensor.requires_grad)
-        for table, name in slots[key]:
+        for table, name in places:
             table[name] = copy
     return True
 
