@@ -35,9 +35,9 @@ from torch import nn
 
 from gptkit.checkpoint import to_hf_state_dict
 from gptkit.config import GPTConfig
-from gptkit.fast import optimize_for_inference
 from gptkit.generate import generate
-from gptkit.hugepages import move_to_huge_pages
+from gptkit.inference import optimize_for_inference
+from gptkit.kernels.hugepages import move_to_huge_pages
 from gptkit.model import GPT
 
 PROMPT_LEN = 16

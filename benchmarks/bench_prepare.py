@@ -2,9 +2,11 @@
 
     python benchmarks/bench_prepare.py [--megabytes 50]
 
-The corpus is ../shared/data/prose/moby_dick.txt repeated to the requested size. Each
-engine encodes the same text with the same vocabulary in the same run: first a
-byte-level BPE of 8192 tokens trained on the text, then the original GPT-2 vocabulary.
+The corpus is the whole of Moby Dick, ../shared/data/prose/moby_dick.txt beside the
+checkout (the repository's data/ holds only an excerpt; data/README.md names the source),
+repeated to the requested size. Each engine encodes the same text with the same vocabulary
+in the same run: first a byte-level BPE of 8192 tokens trained on the text, then the
+original GPT-2 vocabulary (data/gpt2-tokenizer).
 `gptkit prepare` is measured end to end (reading, encoding, writing train.bin/val.bin)
 and reported per core it used, next to tiktoken encoding the text as one string on one
 core, and tiktoken's own parallel API (`encode_ordinary_batch` over 1 MiB pieces) on as
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +28,8 @@ from pathlib import Path
 from gptkit.data import prepare
 from gptkit.tokenizer import Tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+MOBY_DICK = REPO.parent / "shared" / "data" / "prose" / "moby_dick.txt"
 
 
 def timed(fn) -> tuple[float, object]:
@@ -39,7 +43,10 @@ def main() -> None:
     parser.add_argument("--megabytes", type=float, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    base = (SHARED / "prose" / "moby_dick.txt").read_text(encoding="utf-8")
+    if not MOBY_DICK.is_file():
+        sys.exit(f"bench_prepare.py needs the whole of Moby Dick at {MOBY_DICK} (the shared data "
+                 "folder beside the checkout; data/README.md names its source), and it is missing.")
+    base = MOBY_DICK.read_text(encoding="utf-8")
     text = base * max(1, int(args.megabytes * 1e6 / len(base.encode())))
     megabytes = len(text.encode()) / 1e6
     cores = len(os.sched_getaffinity(0))
@@ -55,7 +62,7 @@ def main() -> None:
         trained = Tokenizer.train(texts=[base], vocab_size=8192)
         trained.save_pretrained(tmp / "trained")
         vocabularies = (("trained BPE 8192", tmp / "trained"),
-                        ("GPT-2 (50257)", SHARED / "gpt2-tokenizer"))
+                        ("GPT-2 (50257)", REPO / "data" / "gpt2-tokenizer"))
         tokenizers = {label: Tokenizer.from_pretrained(d) for label, d in vocabularies}
         best: dict[tuple[str, str], float] = {}
 

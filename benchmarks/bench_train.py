@@ -106,11 +106,11 @@ def track_bf16(steps: int) -> None:
     from gptkit.tokenizer import Tokenizer
     from gptkit.train import train
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare" / "input.txt"
+    text = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "input.txt"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        Tokenizer.train([shared], vocab_size=2048).save_pretrained(tmp / "tok")
-        prepare([shared], tmp / "tok", tmp / "data", progress=False)
+        Tokenizer.train([text], vocab_size=2048).save_pretrained(tmp / "tok")
+        prepare([text], tmp / "tok", tmp / "data", progress=False)
         finals = {}
         for dtype in ("float32", "bfloat16"):
             cfg = TrainConfig(data=str(tmp / "data"), out=str(tmp / dtype), preset="small",

@@ -1,6 +1,11 @@
-"""Base vs fine-tuned (full and LoRA) metrics on the shared real datasets, on a CPU.
+"""Base vs fine-tuned (full and LoRA) metrics on real datasets, on a CPU.
 
     python benchmarks/finetune_real.py [--work /tmp/ft_real] [--data ../shared/data]
+
+It needs the full train and test splits (translation/en-zh, summarization/scitldr,
+qa/xquad_en) and the whole of prose/moby_dick.txt under --data, by default the shared data
+folder beside the checkout; the repository's data/ holds only excerpts of them (data/README.md
+names their sources, licences and conversion).
 
 1. A byte-level BPE tokenizer and a small GPT pretrained for a few minutes on the train
    splits' texts (each sentence, abstract, summary and passage as its own document, so the
@@ -92,6 +97,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="test records per task")
     args = parser.parse_args()
     work, data = Path(args.work), Path(args.data)
+    needed = [name for files in TASKS.values() for name in files[:2]] + ["prose/moby_dick.txt"]
+    missing = [name for name in needed if not (data / name).is_file()]
+    if missing:
+        sys.exit(f"finetune_real.py needs the full task sets and Moby Dick under --data {data} "
+                 f"(see data/README.md for their sources), and {', '.join(missing)} "
+                 f"{'is' if len(missing) == 1 else 'are'} missing there.")
     base = work / "base"
     if not (base / "model.safetensors").exists():
         write_corpus(data, work / "corpus")

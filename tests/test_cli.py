@@ -27,12 +27,12 @@ def gptkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, shared_data) -> Path:
+def trained_run(tmp_path_factory, repo_data) -> Path:
     """tokenizer train -> prepare -> train, through the command line."""
     root = tmp_path_factory.mktemp("cli")
     corpus = root / "corpus"
     corpus.mkdir()
-    text = (shared_data / "prose" / "moby_dick.txt").read_text()[30_000:150_000]
+    text = (repo_data / "prose" / "moby_dick.txt").read_text()[30_000:150_000]
     for i in range(6):
         (corpus / f"part{i}.txt").write_text(text[i * 20_000:(i + 1) * 20_000])
     gptkit("tokenizer", "train", corpus, "--vocab-size", "512", "--out", root / "tok")

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from gptkit import GPT, GPTConfig
-from gptkit.crossentropy import IGNORE_INDEX, cross_entropy, linear_cross_entropy
-from gptkit.fast import optimize_for_inference
+from gptkit.inference import optimize_for_inference
+from gptkit.kernels.crossentropy import IGNORE_INDEX, cross_entropy, linear_cross_entropy
 
 
 def inputs(dtype: torch.dtype, n: int = 37, width: int = 24, vocab: int = 301):

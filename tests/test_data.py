@@ -20,7 +20,7 @@ from gptkit.data import (
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import Tokenizer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 SHAKESPEARE = (DATA / "shakespeare" / "input.txt").read_text(encoding="utf-8")[:40_000]
 
 

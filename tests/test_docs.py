@@ -7,8 +7,8 @@ one namespace per document, as if pasted into one Python session. Bash blocks ru
 `bash -euo pipefail`, python blocks in this interpreter. Unmarked blocks are not run.
 
 What a guide asks the reader to download is put there first: Tiny Shakespeare as
-`input.txt` (its first 100 kB, so that the guides' quick runs stay quick).
-$GPTKIT_SHARED_DATA names the repository's shared data folder.
+`input.txt` (its first 100 kB of data/shakespeare/input.txt, so that the guides' quick runs
+stay quick). $GPTKIT_REPO names the repository's root, for a block that reads its data/.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 MARKER = "<!-- test: run -->"
 FENCE = re.compile(r"^```(\w*)\s*$")
 DOCUMENTS = [REPO / "README.md", REPO / "README.zh-CN.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -84,15 +83,24 @@ def test_relative_links_resolve():
                 assert name in span, f"{path.name}: {link}#L{start} no longer shows {name}"
 
 
+def test_readme_commands_read_only_the_repository():
+    """The READMEs' commands run as written from a fresh clone: the files they read are in it."""
+    for path in DOCUMENTS[:2]:
+        text = path.read_text(encoding="utf-8")
+        assert "../shared" not in text, f"{path.name} reads from outside the repository"
+        for name in re.findall(r"(?<![\w./-])data/[\w./-]+\.\w+", text):
+            assert (REPO / name).is_file(), f"{path.name} reads {name}, which is not in data/"
+
+
 @pytest.mark.parametrize("path", [p for p in DOCUMENTS if p.exists() and marked_blocks(p)],
                          ids=lambda p: p.name)
 def test_document_runs(path, tmp_path, monkeypatch):
-    text = (SHARED_DATA / "shakespeare" / "input.txt").read_text(encoding="utf-8")[:100_000]
+    text = (REPO / "data" / "shakespeare" / "input.txt").read_text(encoding="utf-8")[:100_000]
     (tmp_path / "input.txt").write_text(text, encoding="utf-8")
-    env = {**os.environ, "GPTKIT_SHARED_DATA": str(SHARED_DATA),
+    env = {**os.environ, "GPTKIT_REPO": str(REPO),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GPTKIT_SHARED_DATA", str(SHARED_DATA))
+    monkeypatch.setenv("GPTKIT_REPO", str(REPO))
     namespace: dict = {"__name__": "__main__"}
     for block in marked_blocks(path):
         where = f"{path.name}:{block.line}"

@@ -8,9 +8,9 @@ import queue
 import pytest
 from serve_helpers import TEXT, make_model_dir, offline
 
-from gptkit.engine import Engine, GenerationRequest, QueueFull
 from gptkit.generate import generate
 from gptkit.inference import load_for_inference
+from gptkit.serve.engine import Engine, GenerationRequest, QueueFull
 
 
 @pytest.fixture(scope="module")

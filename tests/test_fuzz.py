@@ -14,8 +14,8 @@ from gptkit.data import prepare
 
 
 @pytest.fixture(scope="module")
-def gpt2(shared_data) -> Tokenizer:
-    return Tokenizer.from_pretrained(shared_data / "gpt2-tokenizer")
+def gpt2(repo_data) -> Tokenizer:
+    return Tokenizer.from_pretrained(repo_data / "gpt2-tokenizer")
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -76,6 +76,8 @@ class ScriptedModel(nn.Module):
         self.script = torch.tensor(script)
 
     kv_caches: list[None] = []
+    compiled_decode = None
+    device = torch.device("cpu")
 
     def setup_cache(self, *args: object) -> None:
         pass

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-import gptkit.fast
+import gptkit.inference
 from gptkit.config import GPTConfig
-from gptkit.fast import optimize_for_inference
 from gptkit.generate import generate
-from gptkit.hugepages import HUGE_PAGE, huge_pages_available, move_to_huge_pages
+from gptkit.inference import optimize_for_inference
+from gptkit.kernels.hugepages import HUGE_PAGE, huge_pages_available, move_to_huge_pages
 from gptkit.model import GPT
 
 
@@ -75,7 +75,7 @@ def test_small_modules_and_systems_without_huge_pages_stay_put(monkeypatch):
     address = small.weight.data_ptr()
     assert move_to_huge_pages(small) is False
     assert small.weight.data_ptr() == address
-    monkeypatch.setattr("gptkit.hugepages.huge_pages_available", lambda: False)
+    monkeypatch.setattr("gptkit.kernels.hugepages.huge_pages_available", lambda: False)
     holder = Holder()
     address = holder.big.data_ptr()
     assert move_to_huge_pages(holder) is False
@@ -93,7 +93,7 @@ def test_optimized_model_decodes_the_same_tokens_from_huge_pages(monkeypatch):
         model = GPT(config)
         model.load_state_dict(state)
         if not move:
-            monkeypatch.setattr(gptkit.fast, "move_to_huge_pages", lambda module: False)
+            monkeypatch.setattr(gptkit.inference, "move_to_huge_pages", lambda module: False)
         model = optimize_for_inference(model)
         monkeypatch.undo()
         return model, generate(model, prompt, max_new_tokens=12, eos_token_id=None)

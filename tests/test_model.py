@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-import gptkit.model
+import gptkit.kernels.ops
 from gptkit import GPT, GPTConfig, GptkitError
 from gptkit.checkpoint import commit_files, recover
-from gptkit.model import causal_attention, gelu_tanh
+from gptkit.kernels.ops import causal_attention, gelu_tanh
 
 TINY = dict(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
@@ -238,7 +238,7 @@ def test_compiled_cpu_training_traces_the_written_out_attention(monkeypatch):
         traced.append(q.shape)
         return causal_attention(q, k, v)
 
-    monkeypatch.setattr(gptkit.model, "causal_attention", spy)
+    monkeypatch.setattr(gptkit.kernels.ops, "causal_attention", spy)
     x = torch.randint(0, 40, (3, 16))
     losses = []
     for model in (eager, torch.compile(compiled_model, backend="aot_eager", fullgraph=True)):

@@ -12,25 +12,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gptkit.fast
-import gptkit.model
-import gptkit.quantize
+import gptkit.inference
+import gptkit.kernels.int8
+import gptkit.kernels.linear
+import gptkit.kernels.ops
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.fast import GuardedStep, RowLinear, TiledLinear, optimize_for_inference
 from gptkit.generate import cache_size, generate
-from gptkit.model import GPT, masked_attention
-from gptkit.quantize import quantize_per_channel
-from gptkit.rowwise import rowwise_matmul, tile_weight, tiled_matmul
+from gptkit.inference import GuardedStep, optimize_for_inference
+from gptkit.kernels.int8 import quantize_per_channel
+from gptkit.kernels.linear import RowLinear, TiledLinear
+from gptkit.kernels.ops import masked_attention
+from gptkit.kernels.rowwise import rowwise_matmul, tile_weight, tiled_matmul
+from gptkit.model import GPT
 
 BLOCK = 64
 PROMPTS = ["ROMEO:\nWhat ", "First Citizen:\nWe ", "KING HENRY:\nThe "]
 
 
 @pytest.fixture(scope="module")
-def shakespeare(shared_data) -> tuple[GPT, dict[str, int], torch.Tensor]:
+def shakespeare(repo_data) -> tuple[GPT, dict[str, int], torch.Tensor]:
     """(a char-level GPT trained 150 steps, its vocabulary, held-out token ids)."""
-    text = (shared_data / "shakespeare" / "input.txt").read_text()
+    text = (repo_data / "shakespeare" / "input.txt").read_text()
     vocab = {c: i for i, c in enumerate(sorted(set(text)))}
     ids = torch.tensor([vocab[c] for c in text[:300_000]])
     train, held_out = ids[:-8_000], ids[-8_000:]
@@ -189,10 +192,10 @@ def test_inductor_decode_step_gives_the_eager_tokens(shakespeare, settings, monk
         traced.append(("attention", q.size(2)))
         return masked_attention(q, k, v, attn_mask)
 
-    monkeypatch.setattr(gptkit.fast, "rowwise_matmul", spy("rowwise", rowwise_matmul))
-    monkeypatch.setattr(gptkit.quantize, "rowwise_matmul", spy("rowwise", rowwise_matmul))
-    monkeypatch.setattr(gptkit.fast, "tiled_matmul", spy("tiled", tiled_matmul))
-    monkeypatch.setattr(gptkit.model, "masked_attention", attention_spy)
+    monkeypatch.setattr(gptkit.kernels.linear, "rowwise_matmul", spy("rowwise", rowwise_matmul))
+    monkeypatch.setattr(gptkit.kernels.int8, "rowwise_matmul", spy("rowwise", rowwise_matmul))
+    monkeypatch.setattr(gptkit.kernels.linear, "tiled_matmul", spy("tiled", tiled_matmul))
+    monkeypatch.setattr(gptkit.kernels.ops, "masked_attention", attention_spy)
     eager = optimize_for_inference(copy.deepcopy(model), **settings)
     compiled = optimize_for_inference(copy.deepcopy(model), compile=True, **settings)
     assert isinstance(compiled.transformer.h[0].mlp.c_fc, RowLinear) == (not settings)

@@ -21,13 +21,15 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError, read_json
-from gptkit.model import GPT, skip_weight_init
+
+if TYPE_CHECKING:  # torch loads only where tensors are read or written
+    import torch
+
+    from gptkit.model import GPT
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -41,10 +43,10 @@ MANIFEST_NAME = "gptkit_manifest.json"
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers old GPT-2 checkpoints carry (causal masks); not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-_HUB_FILES = [
-    CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "gptkit_task.json",
-]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES,
+               "gptkit_task.json")
 
 
 # -- atomic writes ----------------------------------------------------------------------
@@ -201,7 +203,7 @@ def to_hf_state_dict(model: GPT, state_dict: dict[str, torch.Tensor] | None = No
         tensor = tensor.detach()
         if name.endswith(_CONV1D_SUFFIXES):
             tensor = tensor.t()
-        out[name] = tensor.to("cpu", torch.float32).contiguous()
+        out[name] = tensor.to("cpu").float().contiguous()
     return out
 
 
@@ -283,14 +285,20 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
     name = str(name_or_dir)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or not name:
         raise GptkitError(f"'{name}' is not a model directory (expected a folder with {CONFIG_NAME}).")
+    return download(name, MODEL_FILES, "a local model directory")
+
+
+def download(name: str, files: tuple[str, ...], instead: str) -> Path:
+    """Fetch only `files` of hub repository `name` into the usual cache (shared with
+    transformers); the one place gptkit reaches the network."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(repo_id=name, allow_patterns=list(files)))
     except Exception as exc:  # any network, auth or name error ends in the same advice
         raise GptkitError(
             f"Could not find '{name}' locally or download it from the Hugging Face hub "
-            f"({type(exc).__name__}); pass a local model directory instead."
+            f"({type(exc).__name__}); pass {instead} instead."
         ) from None
 
 
@@ -299,13 +307,14 @@ def load_config(directory: Path) -> GPTConfig:
     return GPTConfig.from_hf_dict(read_json(path), source=str(path))
 
 
-def load_model(name_or_dir: str | Path, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None) -> GPT:
-    """Load weights from safetensors only (never pickle) into a fresh GPT."""
+def load(directory: Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The config and checked tensors (our names and layouts) of a resolved model directory.
+
+    Weights come from safetensors only, never pickle.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = resolve_model_dir(name_or_dir)
     config = load_config(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
@@ -314,10 +323,4 @@ def load_model(name_or_dir: str | Path, device: str | torch.device | None = None
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise GptkitError(f"{weights} is corrupted or truncated ({exc}).") from None
-    state = from_hf_state_dict(tensors, config, str(weights))
-    with skip_weight_init():
-        model = GPT(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
-    model.to(device=device, dtype=dtype)
-    return model.eval()
+    return config, from_hf_state_dict(tensors, config, str(weights))

@@ -73,7 +73,7 @@ def explain_steps(model: GPT, tokenizer: Tokenizer, prompt: str, *, max_new_toke
     if max_new_tokens < 1 or top < 1:
         raise GptkitError("max_new_tokens and top must be at least 1.")
     sampling = do_sample and temperature > 0
-    device = model.transformer.wte.weight.device
+    device = model.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     ids = _prompt_ids(tokenizer, prompt, model.config.block_size)
     model.eval()
@@ -174,7 +174,7 @@ def attention_map(model: GPT, tokenizer: Tokenizer, text: str, out: str | Path, 
     if not 0 <= head < n_head:
         raise GptkitError(f"--head {head} does not exist; the model has heads 0 to {n_head - 1}.")
     ids = _prompt_ids(tokenizer, text, model.config.block_size)
-    device = model.transformer.wte.weight.device
+    device = model.device
     weights = attention_weights(model, torch.tensor([ids], device=device), layer).weights
     grid = weights[0, head].cpu().numpy()
     side = min(12.0, max(4.0, 0.25 * len(ids) + 2))

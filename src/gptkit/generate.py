@@ -21,13 +21,15 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from gptkit.errors import GptkitError
-from gptkit.model import GPT
+
+if TYPE_CHECKING:  # `GPT.generate` calls into this module, so it never imports the model
+    from gptkit.model import GPT
 
 # Hugging Face's `max_length=20` counts the prompt, so a long prompt would get no new
 # tokens at all; we default to 20 *new* tokens instead.
@@ -71,11 +73,10 @@ def decode_step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor,
     """One new token per row (B, 1) -> next-token logits (B, V).
 
     A pure function of its tensors with fixed shapes, so it compiles; it runs the compiled
-    step that `gptkit.fast.optimize_for_inference(..., compile=True)` gave the model.
+    step that `gptkit.inference.optimize_for_inference(..., compile=True)` gave the model.
     """
-    compiled = getattr(model, "compiled_decode", None)
-    if compiled is not None:
-        return compiled(tokens, input_pos, position_ids, attn_mask)
+    if model.compiled_decode is not None:
+        return model.compiled_decode(tokens, input_pos, position_ids, attn_mask)
     return model(tokens, position_ids=position_ids, input_pos=input_pos, attn_mask=attn_mask)[:, 0]
 
 
@@ -156,7 +157,7 @@ def cache_size(needed: int, *models: GPT) -> int:
     compile per new length. The spare slots lie beyond every position, hidden by the
     causal mask.
     """
-    if all(getattr(model, "compiled_decode", None) is None for model in models):
+    if all(model.compiled_decode is None for model in models):
         return needed
     context = min(model.config.block_size for model in models)
     return max(needed, min(1 << (needed - 1).bit_length(), context))
@@ -475,7 +476,7 @@ def generate(
     A prompt longer than the context is cut from the left with a warning.
     """
     config = model.config
-    device = model.transformer.wte.weight.device
+    device = model.device
     _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
     ids, mask = _check_prompt(input_ids, attention_mask, config.vocab_size, device)
     ids, mask, new = _fit_context(ids, mask, max_length, max_new_tokens, config.block_size)
@@ -627,7 +628,7 @@ def stream_generate(
     model is in eval mode with a cache until the iterator is exhausted or closed.
     """
     config = model.config
-    device = model.transformer.wte.weight.device
+    device = model.device
     if not isinstance(prompt, str):
         raise GptkitError(f"prompt must be a string; got {type(prompt).__name__}.")
     _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)

@@ -1,16 +1,44 @@
-"""Loading a model directory for use: weights, tokenizer, device, in one checked call."""
+"""Models ready to generate: loading a directory in one checked call, and the fast
+decoding layouts (`optimize_for_inference`) with their compiled decode step.
+
+`optimize_for_inference` swaps every linear layer of the blocks, and the LM head, for
+the layer of `gptkit.kernels.linear` that suits the dtype and device. The LM head is
+tied to the token embedding in training; here it gets its own copy in the fast layout
+while the embedding stays as it is for lookups. On CPU every tensor of the optimized
+model then moves into memory backed by 2 MiB pages (`gptkit.kernels.hugepages`), which
+streams faster than torch's default 4 KiB pages. The model is changed in place and is
+for inference only (its state dict is no longer a GPT-2 checkpoint).
+
+    model = optimize_for_inference(GPT.from_pretrained("out"), dtype=torch.bfloat16)
+    generate(model, ids, max_new_tokens=50)
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from gptkit.checkpoint import resolve_model_dir
+from gptkit import checkpoint
 from gptkit.errors import GptkitError
+from gptkit.kernels.hugepages import move_to_huge_pages
+from gptkit.kernels.int8 import Int8Linear
+from gptkit.kernels.linear import (
+    OneDnnLinear,
+    RowLinear,
+    TiledLinear,
+    TransposedLinear,
+    bf16_supported,
+    plain_linear,
+)
 from gptkit.model import GPT
 from gptkit.runtime import pick_device
 from gptkit.tokenizer import Tokenizer
+
+QUANTIZE_CHOICES = ("int8",)
 
 
 def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
@@ -20,17 +48,16 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
     """The model and its tokenizer, in eval mode on the chosen device.
 
     With `fast` (implied by `quantize` or `compile`) the model is put into the fast
-    decoding layout of `gptkit.fast.optimize_for_inference` (dtype float32 unless given;
+    decoding layout of `optimize_for_inference` (dtype float32 unless given;
     int8 weights are quantized from the checkpoint's full-precision ones); it can then
     generate but no longer be trained or saved.
     """
-    directory = resolve_model_dir(name_or_dir)
+    directory = checkpoint.resolve_model_dir(name_or_dir)
     fast = fast or quantize is not None or compile
-    model = GPT.from_pretrained(directory, device=pick_device(device),
+    config, state = checkpoint.load(directory)
+    model = GPT.from_state_dict(config, state, device=pick_device(device),
                                 dtype=None if fast else dtype)
     if fast:
-        from gptkit.fast import optimize_for_inference
-
         optimize_for_inference(model, dtype=dtype or torch.float32, quantize=quantize,
                                compile=compile)
     tokenizer = Tokenizer.from_pretrained(directory)
@@ -40,3 +67,110 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
             f"vocabulary holds {model.config.vocab_size}; they do not belong together."
         )
     return model, tokenizer
+
+
+def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
+                           quantize: str | None = None, compile: bool = False) -> GPT:
+    """Put `model` (in place) into the fastest decoding layout for `dtype` and `quantize`.
+
+    `dtype` (float32 or bfloat16) is the dtype of the activations and of every weight
+    that is not quantized; `quantize="int8"` stores the linear layers' weights as int8
+    with per-channel scales. bf16 on a device without native bf16 falls back to fp32
+    with a warning. `compile=True` compiles the decode step (`torch.compile`; CUDA graphs
+    on GPU); if compiling fails, generation warns and runs eagerly. Returns `model`.
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise GptkitError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype!r}.")
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise GptkitError(f"quantize must be None or 'int8'; got {quantize!r}.")
+    device = model.device
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        warnings.warn(f"this {device.type} has no native bf16 support; using float32.",
+                      stacklevel=2)
+        dtype = torch.float32
+    model.eval()
+    make = _linear_factory(dtype, quantize, device, compile)
+    for block in model.transformer.h:
+        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
+                             (block.mlp, "c_fc"), (block.mlp, "c_proj")):
+            setattr(parent, name, make(getattr(parent, name)))
+    # the head gets its own copy, untied from the embedding
+    tiled = device.type == "cpu" and dtype == torch.float32 and quantize is None
+    model.lm_head = TiledLinear(model.lm_head.weight) if tiled else make(model.lm_head)
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+            module.to(dtype)
+    if device.type == "cpu":
+        move_to_huge_pages(model)
+    model.compiled_decode = _compile_decode(model, device) if compile else None
+    return model
+
+
+def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.device,
+                    compile: bool) -> Callable[[nn.Linear], nn.Module]:
+    """The function that turns one nn.Linear into its fast counterpart."""
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(dtype)
+
+    if quantize == "int8":
+        # On CPU the int8 kernel is only fast with bf16 activations (see Int8Linear).
+        compute = torch.bfloat16 if device.type == "cpu" and bf16_supported(device) else dtype
+        return lambda lin: Int8Linear(lin.weight, cast(lin.bias), compute)
+    if device.type != "cpu":
+        return lambda lin: plain_linear(cast(lin.weight), cast(lin.bias))
+    if compile:
+        return lambda lin: RowLinear(cast(lin.weight), cast(lin.bias))
+    if dtype == torch.bfloat16:
+        return lambda lin: OneDnnLinear(lin.weight, lin.bias)
+    return lambda lin: TransposedLinear(cast(lin.weight), cast(lin.bias))
+
+
+# -- the compiled decode step ----------------------------------------------------------------
+
+class GuardedStep:
+    """A compiled decode step that falls back to eager (with a warning) the first time
+    compiling or running the compiled program fails, so `compile=True` never breaks
+    generation. Called as `step(tokens, input_pos, position_ids, attn_mask)` -> logits (B, V).
+    """
+
+    def __init__(self, model: GPT, compiled: Callable[..., torch.Tensor] | None) -> None:
+        self.model = model
+        self.compiled = compiled
+
+    def eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+              attn_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, position_ids=position_ids, input_pos=input_pos,
+                          attn_mask=attn_mask)[:, 0]
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # any compiler failure: keep generating, eagerly
+                _warn_fallback(exc)
+                self.compiled = None
+        return self.eager(*args)
+
+
+def _compile_decode(model: GPT, device: torch.device) -> GuardedStep:
+    step = GuardedStep(model, None)
+    # CUDA: CUDA graphs. CPU: inductor inlines cheap elementwise producers (a LayerNorm,
+    # a GELU) into their consumers, which for a row-wise product means recomputing them
+    # once per weight row; realizing anything over 8 ops keeps the weight loops lean
+    # (bf16 decoding of GPT-2 runs ~1.8x faster with it). The wrapper's size asserts
+    # repeat what dynamo's guards check; dropping them saves 25-140 us a step (~90 asserts).
+    settings = ({"mode": "reduce-overhead"} if device.type == "cuda"
+                else {"options": {"realize_opcount_threshold": 8, "size_asserts": False}})
+    try:
+        # Every optimized model adds its own entry to the cache of the one `eager` function
+        # that all of them compile; dynamo's default of 8 would fail the ninth model.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        step.compiled = torch.compile(step.eager, fullgraph=True, **settings)
+    except Exception as exc:  # torch.compile itself unavailable (e.g. unsupported Python)
+        _warn_fallback(exc)
+    return step
+
+
+def _warn_fallback(exc: Exception) -> None:
+    warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                  "decoding without compilation.", stacklevel=3)

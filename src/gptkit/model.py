@@ -1,5 +1,8 @@
 """The GPT-2 network: embeddings, causal self-attention, MLP, blocks, LM head, KV cache.
 
+The network only: how its operations run fast (fused kernels, compiled forms, inference
+layouts) is `gptkit.kernels`' business, and files are `gptkit.checkpoint`'s.
+
 Module and parameter names mirror Hugging Face's `GPT2LMHeadModel` (transformer.wte,
 transformer.h.0.attn.c_attn, ...) so checkpoints convert by name; the only layout
 difference is that we use `nn.Linear` (out, in) where GPT-2 used Conv1D (in, out).
@@ -11,20 +14,20 @@ hs = C // nh head size, V vocabulary.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from gptkit import checkpoint
 from gptkit.config import GPTConfig
-from gptkit.crossentropy import cross_entropy, linear_cross_entropy
 from gptkit.errors import GptkitError
+from gptkit.kernels import attention, gelu_tanh, lm_head_loss
 
-COMPILED_MATH_ATTENTION_MAX_T = 256  # see CausalSelfAttention._compiled_short_causal
-GELU_TWO_Z = 2 * math.sqrt(2 / math.pi)  # tanh(z) = 2 sigmoid(2z) - 1; see gelu_tanh
+# The decode step's signature: (tokens (B, 1), input_pos, position_ids, attn_mask) -> logits (B, V)
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class KVCache(nn.Module):
@@ -34,12 +37,22 @@ class KVCache(nn.Module):
     shape, which is what lets `torch.compile` and CUDA graphs reuse one program.
     """
 
-    def __init__(self, batch_size: int, n_head: int, max_slots: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         super().__init__()
+        self.register_buffer("k", k, persistent=False)  # (B, nh, S, hs)
+        self.register_buffer("v", v, persistent=False)
+
+    @classmethod
+    def empty(cls, batch_size: int, n_head: int, max_slots: int, head_dim: int,
+              dtype: torch.dtype, device: torch.device | str | None) -> KVCache:
         shape = (batch_size, n_head, max_slots, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device),
+                   torch.zeros(shape, dtype=dtype, device=device))
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop-1 of this one, sharing its memory (a batch of
+        requests that occupies part of a larger pool)."""
+        return KVCache(self.k[start:stop], self.v[start:stop])
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,55 +96,12 @@ class CausalSelfAttention(nn.Module):
             if input_pos is None:
                 raise ValueError("a model with a KV cache needs input_pos (the cache slots to write)")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs)
-        if self._compiled_short_causal(x, attn_mask):
-            y = causal_attention(q, k, v)
-        elif self._compiled_decode(x, attn_mask):
-            y = masked_attention(q, k, v, attn_mask)
-        else:
-            # Flash / memory-efficient kernels when available; the causal mask is implicit
-            # in training and explicit (over cache slots and padding) in generation.
-            y = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=attn_mask,
-                dropout_p=self.dropout if self.training else 0.0,
-                is_causal=attn_mask is None and self.kv_cache is None,
-            )
+        # Flash / memory-efficient kernels where available; the causal mask is implicit
+        # in training and explicit (over cache slots and padding) in generation.
+        y = attention(q, k, v, attn_mask, is_causal=attn_mask is None and self.kv_cache is None,
+                      dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
-
-    def _compiled_short_causal(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
-        """Whether `torch.compile` is tracing plain causal attention over a short CPU context,
-        where `causal_attention` compiles into fused kernels that beat SDPA's CPU flash
-        kernel (its per-block overhead dominates below a few hundred positions)."""
-        return (torch.compiler.is_compiling() and x.device.type == "cpu"
-                and attn_mask is None and self.kv_cache is None
-                and x.size(1) <= COMPILED_MATH_ATTENTION_MAX_T
-                and not (self.training and self.dropout > 0))
-
-    def _compiled_decode(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
-        """Whether `torch.compile` is tracing a CPU decode step (a few new tokens over the
-        cache, a bool mask), where `masked_attention` fuses into the step's own kernels:
-        SDPA stays a separate call whose fixed cost is ~10% of a `small` token."""
-        return (torch.compiler.is_compiling() and x.device.type == "cpu"
-                and self.kv_cache is not None and attn_mask is not None
-                and attn_mask.dtype == torch.bool and not self.training)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(hs) + causal mask) V written out, (B, nh, T, hs) each: the
-    textbook form, which the compiler fuses (scale, mask, softmax and their backward)."""
-    i = torch.arange(q.size(-2), device=q.device)
-    # an index comparison, not a bool triu mask with masked_fill, which inductor compiles
-    # into a slower softmax (a `tiny` layer's attention forward+backward: 1.2 vs 0.9 ms)
-    return masked_attention(q, k, v, i[None, :] <= i[:, None])
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     attn_mask: torch.Tensor) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(hs)) V over the key slots where the bool `attn_mask` is True,
-    written out for the compiler: q (B, nh, T, hs), k and v (B, nh, S, hs)."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-    return torch.where(attn_mask, scores, float("-inf")).softmax(-1) @ v
 
 
 class MLP(nn.Module):
@@ -145,18 +115,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with GPT-2's tanh approximation, 0.5 x (1 + tanh(z)), z = sqrt(2/pi)(x + 0.044715 x^3).
-
-    While `torch.compile` traces it on CPU it is written as the identical x * sigmoid(2z):
-    the compiler's vectorized exp makes that twice as fast as its tanh, forward and
-    backward (0.43 vs 0.90 ms on a `tiny` training step's 768 x 512 activations).
-    """
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
-        return x * torch.sigmoid(x * (GELU_TWO_Z + GELU_TWO_Z * 0.044715 * x * x))
-    return F.gelu(x, approximate="tanh")
 
 
 class Block(nn.Module):
@@ -214,6 +172,9 @@ class GPT(nn.Module):
         # embedding, saving V*C parameters; GPT-2 does the same.
         self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
+        # The inference contract: `gptkit.inference` may install a compiled decode step,
+        # which generation then runs instead of `forward` (see `gptkit.generate.decode_step`).
+        self.compiled_decode: DecodeStep | None = None
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer): each block adds
         # two of them to the residual stream, whose variance would otherwise grow.
@@ -230,6 +191,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights (and so its inputs and caches) live."""
+        return self.transformer.wte.weight.device
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); optionally without position embeddings."""
         n = sum(p.numel() for p in self.parameters())
@@ -244,7 +210,7 @@ class GPT(nn.Module):
         Training: call with `idx` alone (causal attention, positions 0..T-1), or with
         `targets` (B, T) to get the mean next-token cross-entropy instead of the logits
         (IGNORE_INDEX targets add nothing); the head and the loss then run as one step
-        that never keeps the logits (see `crossentropy`).
+        that never keeps the logits (see `gptkit.kernels.lm_head_loss`).
         Generation with a cache (see `setup_cache`): `input_pos` names the cache slots
         the T new tokens occupy, `position_ids` (B, T) their positions (they differ
         from slots under left padding), `attn_mask` (B, 1, T, S) which slots each
@@ -270,9 +236,7 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x)
-        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(x, self.lm_head.weight, targets)
-        return cross_entropy(self.lm_head(x), targets)  # a head replaced for inference (int8)
+        return lm_head_loss(x, self.lm_head, targets)
 
     # -- KV cache --------------------------------------------------------------------
 
@@ -284,9 +248,9 @@ class GPT(nn.Module):
                               f"{self.config.block_size}.")
         weight = self.transformer.wte.weight
         dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
-        device = device or weight.device
+        device = device or self.device
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_slots,
+            block.attn.kv_cache = KVCache.empty(batch_size, self.config.n_head, max_slots,
                                           self.config.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
@@ -314,15 +278,25 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> GPT:
         """Load a model directory written by gptkit or `transformers`, or a hub name like 'gpt2'."""
-        from gptkit.checkpoint import load_model
+        directory = checkpoint.resolve_model_dir(name_or_dir)
+        config, state = checkpoint.load(directory)
+        return cls.from_state_dict(config, state, device=device, dtype=dtype)
 
-        return load_model(name_or_dir, device=device, dtype=dtype)
+    @classmethod
+    def from_state_dict(cls, config: GPTConfig, state: dict[str, torch.Tensor],
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> GPT:
+        """A model of `config` holding the tensors of `state` (checked by the caller), in eval mode."""
+        with skip_weight_init():
+            model = cls(config)
+        model.load_state_dict(state, strict=False, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
+        model.to(device=device, dtype=dtype)
+        return model.eval()
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json, model.safetensors and generation_config.json atomically."""
-        from gptkit.checkpoint import save_model
-
-        save_model(self, directory)
+        checkpoint.save_model(self, directory)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """Hugging Face style `generate`; see `gptkit.generate.generate` for the arguments."""

@@ -45,8 +45,8 @@ def new_figure(width: float, height: float) -> Figure:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise GptkitError("Plots need matplotlib; install it with "
-                          "pip install 'gptkit[viz]'.") from None
+        raise GptkitError("Plots need matplotlib, a gptkit dependency missing here; install it "
+                          "with `pip install matplotlib`.") from None
 
     figure = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(figure)

@@ -43,6 +43,9 @@ class RunLog:
                  wandb: bool = False, plot: bool = True, config: dict[str, Any] | None = None
                  ) -> None:
         self.run_dir = run_dir
+        # the integrations first: one whose package is missing then leaves no file open
+        self.tensorboard = _tensorboard_writer(run_dir) if tensorboard else None
+        self.wandb = _wandb_run(run_dir, config or {}) if wandb else None
         path = run_dir / METRICS_NAME
         kept = [] if resume_step is None else [
             r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
@@ -50,8 +53,6 @@ class RunLog:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self.file = open(path, "a", encoding="utf-8")
         self.plot = plot
-        self.tensorboard = _tensorboard_writer(run_dir) if tensorboard else None
-        self.wandb = _wandb_run(run_dir, config or {}) if wandb else None
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -98,7 +99,8 @@ def _tensorboard_writer(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise GptkitError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        raise GptkitError("--tensorboard needs the tensorboard package, an optional extra; "
+                          "install it with `pip install 'gptkit[tensorboard]'`.") from None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
@@ -111,7 +113,8 @@ def _wandb_run(run_dir: Path, config: dict[str, Any]) -> Any:
     try:
         import wandb
     except ImportError:
-        raise GptkitError("--wandb needs the wandb package: pip install wandb") from None
+        raise GptkitError("--wandb needs the wandb package, an optional extra; install it with "
+                          "`pip install 'gptkit[wandb]'`.") from None
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     if mode == "offline":
         print("wandb: no WANDB_API_KEY, logging offline into the run directory", file=sys.stderr)

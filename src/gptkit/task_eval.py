@@ -41,8 +41,8 @@ def _require(module: str, package: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise GptkitError(f"Task metrics need the '{package}' package; install it with "
-                          "`pip install gptkit[tasks]`.") from None
+        raise GptkitError(f"Task metrics need the '{package}' package, a gptkit dependency "
+                          f"missing here; install it with `pip install {package}`.") from None
 
 
 def translation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -161,7 +161,7 @@ def target_loss(model: Any, tokenizer: Any, spec: TaskSpec, examples: Sequence[E
     from gptkit.train import evaluate
 
     encoded = encode_examples(tokenizer, spec, examples, model.config.block_size, "the data")
-    device = model.transformer.wte.weight.device
+    device = model.device
     loss, tokens = evaluate(model, iter_sft_batches(encoded, batch_size, tokenizer.eos_token_id),
                             device, pick_dtype("float32", device))
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}

@@ -349,7 +349,7 @@ def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
     # sorting by length keeps padding (wasted compute) small within each batch
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
-    device = model.transformer.wte.weight.device
+    device = model.device
     eos = tokenizer.eos_token_id
     was_training = model.training
     model.eval()

@@ -34,6 +34,7 @@ import tiktoken
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from gptkit.checkpoint import TOKENIZER_FILES, download
 from gptkit.errors import GptkitError, read_json
 
 if TYPE_CHECKING:
@@ -44,15 +45,7 @@ UNK = "<unk>"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 KINDS = ("bpe", "char")
 # Files a tokenizer directory may hold; the hub download fetches only these.
-_HUB_FILES = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "encoder.json",
-    "vocab.bpe",
-]
+_HUB_FILES = (*TOKENIZER_FILES, "encoder.json", "vocab.bpe")
 # Bytes that were not valid UTF-8, as `surrogateescape` decodes them.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 # Where a text can be cut without changing its GPT-2 pre-tokenization: before a single
@@ -370,7 +363,8 @@ class Tokenizer:
         if not path.is_dir():
             if path.exists():
                 raise GptkitError(f"{path} is a file; expected a tokenizer directory.")
-            path = _download(str(name_or_dir))
+            path = download(str(name_or_dir), _HUB_FILES,
+                            "a local directory that holds tokenizer.json")
         config: dict[str, Any] = {}
         if (path / "tokenizer_config.json").is_file():
             config = read_json(path / "tokenizer_config.json")
@@ -599,16 +593,3 @@ def _backend_from_files(vocab_file: Path, merges_file: Path) -> HFTokenizer:
         return _byte_level_backend(vocab, merges)
     except Exception as e:
         raise GptkitError(f"{vocab_file} and {merges_file} do not form a BPE ({e}).") from None
-
-
-def _download(name: str) -> Path:
-    """Fetch only the tokenizer files of a hub repository into the usual cache."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
-    except Exception:
-        raise GptkitError(
-            f"Could not download tokenizer '{name}' from the Hugging Face hub (offline?); "
-            "pass a local directory that holds tokenizer.json."
-        ) from None

@@ -28,8 +28,8 @@ import torch
 from gptkit import distributed
 from gptkit.checkpoint import ensure_intact, recover, save_model, write_json
 from gptkit.config import GPTConfig, TrainConfig
-from gptkit.crossentropy import IGNORE_INDEX
 from gptkit.errors import GptkitError
+from gptkit.kernels.crossentropy import IGNORE_INDEX
 from gptkit.model import GPT
 from gptkit.runlog import RunLog
 from gptkit.runtime import autocast, pick_device, pick_dtype

@@ -29,11 +29,14 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from gptkit.generate import Sampling, TextCodec, TextStream, decode_step, sample_next
-from gptkit.model import GPT, KVCache
+
+if TYPE_CHECKING:
+    from gptkit.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ class Engine:
         if eos is None:
             eos = getattr(tokenizer, "eos_token_id", None)
         self.eos = {eos} if eos is not None else set()
-        self.device = model.transformer.wte.weight.device
+        self.device = model.device
         self._rows: list[_Row | None] = [None] * max_batch_size
         self._queue: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
@@ -159,7 +162,7 @@ class Engine:
             self._causal = torch.ones(self.context, self.context, dtype=torch.bool,
                                       device=self.device).tril()
             self._slots = torch.arange(self.context, device=self.device)
-        self._full_caches = [block.attn.kv_cache for block in model.transformer.h]
+        self._full_caches = model.kv_caches
         self._views: dict[tuple[int, int], list[KVCache]] = {}
 
     # -- the public, thread-safe side ------------------------------------------------
@@ -251,14 +254,8 @@ class Engine:
         """Point every layer at rows start..stop-1 of the cache (views share its memory)."""
         views = self._views.get((start, stop))
         if views is None:
-            views = []
-            for full in self._full_caches:
-                view = KVCache(1, 1, 1, 1, full.k.dtype, full.k.device)
-                view.k, view.v = full.k[start:stop], full.v[start:stop]
-                views.append(view)
-            self._views[(start, stop)] = views
-        for block, view in zip(self.model.transformer.h, views, strict=True):
-            block.attn.kv_cache = view
+            views = self._views[(start, stop)] = [full.rows(start, stop) for full in self._full_caches]
+        self.model.kv_caches = views
 
     def _prefill(self, index: int, row: _Row, budget: int) -> int:
         """Put the next chunk of a joining prompt into its row; returns tokens used."""

@@ -6,7 +6,7 @@ its own scale s_i = max|W_i| / 127; activations stay floating point and the prod
 rescaled per channel: y = (x @ Q^T) * s. Per-channel scales keep one outlier row from
 costing the others their precision (perplexity rises well under 1%, see the tests).
 
-    from gptkit.fast import optimize_for_inference
+    from gptkit.inference import optimize_for_inference
     optimize_for_inference(model, quantize="int8")
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptkit.rowwise import fuses_rows, rowwise_matmul
+from gptkit.kernels.rowwise import fuses_rows, rowwise_matmul
 
 INT8_MAX = 127
 

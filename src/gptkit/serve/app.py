@@ -39,7 +39,7 @@ from gptkit.config import closest
 from gptkit.errors import GptkitError
 
 if TYPE_CHECKING:
-    from gptkit.engine import Engine, Event, TokenLogprob
+    from gptkit.serve.engine import Engine, Event, TokenLogprob
     from gptkit.tasks import TaskSpec
     from gptkit.tokenizer import Tokenizer
 
@@ -277,7 +277,7 @@ class _Job:
 
     def __init__(self, served: _Served, prompts: list[list[int]], settings: Settings,
                  http: Request) -> None:
-        from gptkit.engine import GenerationRequest, QueueFull
+        from gptkit.serve.engine import GenerationRequest, QueueFull
 
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
@@ -371,8 +371,8 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
                ) -> FastAPI:
     """Load the model and build the app; the engine thread runs while the app is served."""
     from gptkit.checkpoint import resolve_model_dir
-    from gptkit.engine import Engine
     from gptkit.inference import load_for_inference
+    from gptkit.serve.engine import Engine
     from gptkit.tasks import read_task_file
 
     limits = limits or Limits()
@@ -383,7 +383,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
     served = _Served(Engine(gpt, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue),
                      tokenizer, Path(str(model).rstrip("/")).name or directory.name,
                      read_task_file(directory), limits, api_key or None)
-    page = (resources.files("gptkit") / "playground.html").read_text(encoding="utf-8")
+    page = (resources.files("gptkit.serve") / "playground.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
