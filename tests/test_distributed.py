@@ -68,6 +68,16 @@ def test_two_processes_match_one_with_accumulation(char_data, single, tmp_path, 
         assert torch.allclose(x, y, atol=1e-4), name
 
 
+def test_muon_under_ddp_matches_one_process(char_data, tmp_path):
+    """Each rank runs Muon on the all-reduced gradients: the same update as one process."""
+    common = ["train", "--data", char_data, "--max-steps", "8", *FLAGS, "--optimizer", "muon",
+              "--muon-lr", "0.02"]
+    run([*common, "--out", tmp_path / "one", "--grad-accum", "2"])
+    run([*common, "--out", tmp_path / "two"], nproc=2)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-4)
+    assert val_losses(tmp_path / "two") == pytest.approx(val_losses(tmp_path / "one"), abs=1e-4)
+
+
 def test_resume_two_process_checkpoint_in_one_process(char_data, single, tmp_path):
     out = tmp_path / "run"
     run(["train", "--data", char_data, "--out", out, "--max-steps", "10", *FLAGS], nproc=2)

@@ -11,9 +11,10 @@ from tiny_models import make_model_dir, write_jsonl
 
 from gptkit import GPT, Tokenizer
 from gptkit.cli import main
-from gptkit.finetune import SFTBatches, encode_example, finetune, train_settings
+from gptkit.finetune import finetune, train_settings
+from gptkit.kernels import IGNORE_INDEX
+from gptkit.sft import SFTBatches, encode_pair
 from gptkit.tasks import TASK_FILE, get_task, load_task, parse_record, run_task
-from gptkit.train import IGNORE_INDEX
 
 LETTERS = "abcdefgh"
 
@@ -86,13 +87,13 @@ def test_only_target_tokens_carry_loss_and_long_prompts_lose_their_start():
     tokenizer = Tokenizer.train(texts=["abcdefgh=xyz"], kind="char", vocab_size=20)
     spec = get_task("completion")
     example = parse_record({"prompt": "abcdefgh=", "completion": "xyz"}, spec, "test")
-    (ids, labels), cut = encode_example(tokenizer, spec, example, max_tokens=100)
+    (ids, labels), cut = encode_pair(tokenizer, *spec.render(example), max_tokens=100)
     eos = tokenizer.eos_token_id
     assert not cut and tokenizer.decode(ids[:9]) == "abcdefgh=" and ids[-1] == eos
     assert labels == [IGNORE_INDEX] * 9 + tokenizer.encode("xyz") + [eos]
-    (ids, labels), cut = encode_example(tokenizer, spec, example, max_tokens=7)
+    (ids, labels), cut = encode_pair(tokenizer, *spec.render(example), max_tokens=7)
     assert cut and tokenizer.decode(ids[:3]) == "gh=" and labels[3:] == tokenizer.encode("xyz") + [eos]
-    (ids, labels), cut = encode_example(tokenizer, spec, example, max_tokens=3)
+    (ids, labels), cut = encode_pair(tokenizer, *spec.render(example), max_tokens=3)
     assert cut and len(ids) == 3 and labels == [IGNORE_INDEX, *tokenizer.encode("xy")]
 
 

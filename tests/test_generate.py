@@ -79,6 +79,10 @@ class ScriptedModel(nn.Module):
     compiled_decode = None
     device = torch.device("cpu")
 
+    @property
+    def token_limit(self) -> int:
+        return self.config.vocab_size
+
     def setup_cache(self, *args: object) -> None:
         pass
 

@@ -77,3 +77,13 @@ def test_cli_info_json_and_error(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_demo_folder_describes_the_run_inside_it(tmp_path):
+    # `gptkit demo --out runs/demo` keeps its run in runs/demo/model beside corpus/ and data/
+    run = make_model_dir(tmp_path / "demo" / "model")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "tokens": 96, "loss": 2.5}) + "\n")
+    (tmp_path / "demo" / "corpus").mkdir()
+    info = directory_info(tmp_path / "demo")
+    assert info["kind"] == "run" and info["training"]["steps"] == 3
+    assert info["parameters"] == GPT.from_pretrained(run).num_params()

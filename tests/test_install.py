@@ -88,8 +88,8 @@ def test_a_missing_logger_is_one_sentence_naming_its_extra(extra, char_data, tmp
 
 
 def test_a_missing_logger_in_the_python_api_is_a_gptkit_error(tmp_path, monkeypatch):
-    from gptkit.runlog import RunLog
+    from gptkit.runlog import TensorBoardSink
 
     _hide(monkeypatch, "tensorboard", "torch.utils.tensorboard")
     with pytest.raises(GptkitError, match=r"^--tensorboard needs .*gptkit\[tensorboard\]'`\.$"):
-        RunLog(tmp_path, None, tensorboard=True, plot=False)
+        TensorBoardSink(tmp_path)

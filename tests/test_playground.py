@@ -1,11 +1,15 @@
 """The web playground in headless Chromium (Debian's `chromium`, driven by Playwright):
-type a prompt, press Generate, watch the text stream in; task mode; the Stop button."""
+type a prompt, press Generate, watch the text stream in; task mode; the Stop button; chat
+mode: a conversation with roles, streamed answers, tokens/s, the system message and
+sampling settings, edit-and-resend, stop, clear, code in monospace, a phone-width screen."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 from serve_helpers import live_server, make_model_dir, offline
@@ -20,7 +24,8 @@ def find_chromium() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def browser():
+    """One headless Chromium for the module's pages (Playwright runs one sync instance)."""
     browser_path = find_chromium()
     if browser_path is None:
         reason = "no Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/it)"
@@ -28,19 +33,26 @@ def page(tmp_path_factory):
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, tmp_path_factory):
     from gptkit.tasks import get_task
 
     # a long context, so that a 1,000-token answer is still running when Stop is pressed
     model_dir = make_model_dir(tmp_path_factory.mktemp("playground") / "tiny", block_size=1024)
     (model_dir / "gptkit_task.json").write_text(json.dumps(get_task("summarize").to_dict()))
-    with live_server(model_dir) as url, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
+    with live_server(model_dir) as url:
         page = browser.new_page()
         page.goto(url)
         page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
         page.model_dir, page.url_base = model_dir, url
         yield page
-        browser.close()
+        page.close()
 
 
 def generate(page, expected: str) -> int:
@@ -95,3 +107,163 @@ def test_stop_button_ends_the_stream(page):
     assert len(page.text_content("#output")) < 3 + 1000
     assert page.text_content("#error") == ""
     page.wait_for_function(f"fetch('/health').then(r => r.json()).then(h => h.cancelled > {before})")
+
+
+# -- chat mode -------------------------------------------------------------------------------
+
+USER_COLOR, ASSISTANT_COLOR = (219, 234, 254), (241, 243, 245)  # the page's --user, --assistant
+
+
+@pytest.fixture(scope="module")
+def chat_page(browser, tmp_path_factory):
+    """The playground of a (random) chat model: ChatML tokens and template added, and as
+    make_model_dir does for end-of-text, never chosen, so every answer runs to its limit."""
+    import torch
+
+    from gptkit import GPT, Tokenizer
+    from gptkit.conversation import add_chat_tokens
+    from gptkit.vocab import grow_vocab
+
+    model_dir = make_model_dir(tmp_path_factory.mktemp("chat_playground") / "talker", block_size=512)
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    model = GPT.from_pretrained(model_dir)
+    add_chat_tokens(tokenizer)
+    new = range(model.config.vocab_size, tokenizer.vocab_size)
+    grow_vocab(model, tokenizer.vocab_size, new)
+    with torch.no_grad():
+        model.transformer.wte.weight[new.start:] = 0.0
+        model.transformer.wte.weight[new.start:, 0] = -100.0
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    with live_server(model_dir) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent === 'talker'")
+        page.model_dir, page.url_base = model_dir, url
+        yield page
+        page.close()
+
+
+def greedy_answer(model_dir, messages: list[dict], max_new_tokens: int) -> str:
+    """What `gptkit chat` (a `ChatSession`) answers to the last of `messages`."""
+    from gptkit import GPT, Tokenizer
+    from gptkit.chat import ChatSession
+
+    session = ChatSession(GPT.from_pretrained(model_dir), Tokenizer.from_pretrained(model_dir),
+                          max_new_tokens=max_new_tokens)
+    session.messages = messages[:-1]
+    return session.respond(messages[-1]["content"], lambda piece: None)[0]
+
+
+def ask(page, text: str) -> dict:
+    """Type `text`, press Enter, wait for the whole answer; returns the request's body."""
+    page.evaluate("""() => {
+        window.updates = 0;
+        new MutationObserver(() => window.updates++).observe(
+            document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+    answers = page.locator(".message.assistant").count()
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.fill("#chat-input", text)
+        page.press("#chat-input", "Enter")
+    page.wait_for_function(f"document.querySelectorAll('.message.assistant .stats').length > {answers}"
+                           " && document.querySelectorAll('.message.assistant .stats')"
+                           f"[{answers}].textContent !== ''", timeout=60_000)
+    return json.loads(request.value.post_data)
+
+
+def answers(page) -> list[str]:
+    return page.locator(".message.assistant .content").all_text_contents()
+
+
+def test_chat_mode_streams_answers_with_roles_system_message_and_speed(chat_page):
+    page = chat_page
+    assert page.eval_on_selector("#mode", "m => m.value") == "chat"  # a chat model opens in chat
+    assert page.is_visible("#chat-input") and page.is_hidden("#prompt")
+    page.fill("#system", "be brief")
+    page.fill("#temperature", "0")
+    page.fill("#top-p", "0.9")
+    page.fill("#max-tokens", "30")
+    body = ask(page, "hello")
+    assert body["messages"] == [{"role": "system", "content": "be brief"},
+                                {"role": "user", "content": "hello"}]
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["stream"]) == (0, 0.9, 30, True)
+    assert answers(page) == [greedy_answer(page.model_dir, body["messages"], 30)]
+    assert page.evaluate("window.updates") >= 3  # the answer arrived in pieces
+    stats = page.text_content(".message.assistant .stats")
+    assert re.fullmatch(r"\d+ tokens · [\d.]+ tokens/s", stats), stats
+    user, assistant = (page.eval_on_selector(f".message.{role}", """m => {
+        const s = getComputedStyle(m); return [s.backgroundColor, s.alignSelf]; }""")
+        for role in ("user", "assistant"))
+    assert user == ["rgb(219, 234, 254)", "flex-end"] and assistant == ["rgb(241, 243, 245)", "flex-start"]
+    assert page.text_content(".message.user .role") == "You"
+    assert page.text_content(".message.assistant .role") == "talker"
+    # a second turn sends the whole history
+    body = ask(page, "again")
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert answers(page)[-1] == greedy_answer(page.model_dir, body["messages"], 30)
+    assert page.text_content("#error") == ""
+
+
+def test_edit_and_resend_the_last_user_turn(chat_page):
+    page = chat_page
+    assert page.locator(".message.user .edit").count() == 1  # only the last user turn
+    before = page.locator(".message").count()
+    page.click(".message.user .edit")
+    page.fill(".edit-input", "changed")
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.click(".resend")
+    page.wait_for_function("!document.getElementById('send').disabled")
+    body = json.loads(request.value.post_data)
+    assert body["messages"][-1] == {"role": "user", "content": "changed"}
+    assert page.locator(".message").count() == before
+    assert page.locator(".message.user .content").all_text_contents()[-1] == "changed"
+    assert answers(page)[-1] == greedy_answer(page.model_dir, body["messages"], 30)
+
+
+def test_stop_ends_the_answer_and_clear_empties_the_conversation(chat_page):
+    import httpx
+
+    page = chat_page
+    cancelled = httpx.get(f"{page.url_base}/health").json()["cancelled"]
+    page.click("#chat-clear")
+    page.fill("#max-tokens", "400")
+    page.fill("#chat-input", "tell me a long story")
+    page.click("#send")
+    page.wait_for_function("(() => { const a = document.querySelectorAll('.message.assistant .content');"
+                           " return a[a.length - 1].textContent.length > 5; })()")
+    page.click("#chat-stop")
+    page.wait_for_function("!document.getElementById('send').disabled")
+    stats = page.locator(".message.assistant .stats").last.text_content()
+    assert stats.endswith("· stopped") and 5 < int(stats.split()[0]) < 400, stats
+    page.wait_for_function(f"fetch('/health').then(r => r.json()).then(h => h.cancelled > {cancelled})")
+    page.click("#chat-clear")
+    assert page.locator(".message").count() == 0
+
+
+def test_code_in_monospace_on_a_phone_width_screen(chat_page, tmp_path):
+    from io import BytesIO
+
+    from PIL import Image
+
+    page = chat_page
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.fill("#max-tokens", "60")
+    ask(page, "run ```python\nprint(1)\n``` and then `x`")
+    assert page.text_content(".message.user pre code") == "print(1)\n"
+    assert page.get_attribute(".message.user pre code", "data-language") == "python"
+    assert page.text_content(".message.user .content > code") == "x"
+    for selector in (".message.user pre code", ".message.user .content > code"):
+        assert "monospace" in page.eval_on_selector(selector, "c => getComputedStyle(c).fontFamily")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # no sideways scrolling
+    assert page.is_visible("#send") and page.is_visible("#chat-input")
+    # the screenshot shows the conversation: both bubbles' colours and the code block's
+    png = page.screenshot(full_page=True)
+    (tmp_path / "chat.png").write_bytes(png)
+    if os.environ.get("GPTKIT_SCREENSHOTS"):  # a folder to keep the screenshot in, to look at
+        (Path(os.environ["GPTKIT_SCREENSHOTS"]) / "playground-chat-phone.png").write_bytes(png)
+    image = Image.open(BytesIO(png)).convert("RGB")
+    assert image.width == 375
+    colors = {color: count for count, color in image.getcolors(maxcolors=1 << 24)}
+    counts = {color: colors.get(color, 0) for color in (USER_COLOR, ASSISTANT_COLOR, (31, 35, 40))}
+    assert all(count > 1000 for count in counts.values()), counts

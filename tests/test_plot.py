@@ -95,3 +95,11 @@ def test_cli_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "gptkit", "plot", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr
+
+
+def test_a_demo_folder_plots_the_run_inside_it(tmp_path):
+    # `gptkit demo --out runs/demo` keeps its run in runs/demo/model beside corpus/ and data/
+    write_run(tmp_path / "demo" / "model")
+    (tmp_path / "demo" / "corpus").mkdir()
+    out = plot_runs([tmp_path / "demo"], tmp_path / "demo.png")
+    assert has_colour(pixels(out), C0)

@@ -8,7 +8,7 @@ import pytest
 from tiny_models import write_jsonl
 
 from gptkit import GptkitError
-from gptkit.task_eval import normalize_answer, qa_scores, rouge_scores, translation_scores
+from gptkit.evaluate import normalize_answer, qa_scores, rouge_scores, translation_scores
 from gptkit.tasks import (
     TASK_FILE,
     TASKS,

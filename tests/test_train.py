@@ -13,7 +13,8 @@ import torch
 
 from gptkit import GPT, GptkitError
 from gptkit.config import TrainConfig
-from gptkit.train import lr_at, train
+from gptkit.optim import lr_at
+from gptkit.train import train
 
 TINY = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
             eval_steps=2, log_interval=1, device="cpu", warmup_steps=5, lr=3e-3, min_lr=3e-4)
@@ -43,9 +44,11 @@ def test_loss_falls_and_run_directory_is_a_model_directory(char_data, tmp_path):
     assert model.config.vocab_size == len(set(text)) + 2  # the characters, end-of-text, unknown
 
 
-def test_resume_continues_exactly(char_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(char_data, tmp_path, optimizer):
     """20 steps straight == stopping after every step and resuming: same losses and weights."""
-    settings = dict(data=str(char_data), max_steps=20, eval_interval=0, dropout=0.1, **TINY)
+    settings = dict(data=str(char_data), max_steps=20, eval_interval=0, dropout=0.1,
+                    optimizer=optimizer, muon_momentum_warmup=10, **TINY)
     train(TrainConfig(out=str(tmp_path / "straight"), **settings), progress=False)
     train(TrainConfig(out=str(tmp_path / "resumed"), max_time=0.0, save_interval=0, **settings),
           progress=False)  # stops (and saves) after its first step, as an interrupt would

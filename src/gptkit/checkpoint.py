@@ -1,8 +1,9 @@
-"""Model directories on disk: GPT-2 safetensors in and out, atomic multi-file commits.
+"""Model directories on disk: safetensors in and out, atomic multi-file commits.
 
-One module used by train, generate, eval and serve. A model directory is a Hugging
-Face GPT-2 directory (config.json, model.safetensors, generation_config.json, plus the
-tokenizer files), so `transformers` opens ours and we open theirs.
+One module used by train, generate, eval and serve. A model directory is the Hugging
+Face directory of the model's family, GPT-2, Llama, Qwen3 or nanochat (config.json,
+model.safetensors, generation_config.json, plus the tokenizer files), so `transformers`
+opens ours and we open theirs.
 
 Crash safety: a checkpoint is several files that must change together. `commit_files`
 writes them all into a staging folder with a manifest of sizes and SHA-256 hashes, marks
@@ -44,7 +45,7 @@ _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 # Buffers old GPT-2 checkpoints carry (causal masks); not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
+                   "vocab.json", "merges.txt", "chat_template.jinja")
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES,
                "gptkit_task.json")
 
@@ -188,35 +189,90 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# -- GPT-2 state dicts ------------------------------------------------------------------
+# -- state dicts in each family's names and layouts ---------------------------------------
 
 def to_hf_state_dict(model: GPT, state_dict: dict[str, torch.Tensor] | None = None
                      ) -> dict[str, torch.Tensor]:
-    """Our parameters under GPT-2 names and layouts (tied lm_head left out, as HF does).
+    """Our parameters under the family's Hugging Face names and layouts (a tied lm_head
+    left out, as HF does).
 
     `state_dict` replaces the model's own tensors (e.g. full weights gathered from shards).
     """
+    config = model.config
+    state = state_dict if state_dict is not None else model.state_dict()
+    if config.arch == "gpt2":
+        out = {}
+        for name, tensor in state.items():
+            if name == "lm_head.weight":
+                continue
+            tensor = tensor.detach()
+            if name.endswith(_CONV1D_SUFFIXES):
+                tensor = tensor.t()
+            out[name] = tensor.to("cpu").float().contiguous()
+        return out
     out = {}
-    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
-        if name == "lm_head.weight":
-            continue
-        tensor = tensor.detach()
-        if name.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        out[name] = tensor.to("cpu").float().contiguous()
+    for ours, parts in hf_names(config).items():
+        tensor = state[ours].detach().to("cpu").float()
+        pieces = tensor.split([rows for _, rows in parts])
+        out.update({name: piece.contiguous() for (name, _), piece in zip(parts, pieces, strict=True)})
     return out
 
 
+def hf_names(config: GPTConfig) -> dict[str, list[tuple[str, int]]]:
+    """For a Llama-style family: each of our tensors as the HF tensors stacked (along the
+    first dimension) in it, with the rows each contributes; e.g. our attn.c_attn.weight
+    is the family's q_proj, k_proj and v_proj weights one above the other."""
+    C, hs, width = config.n_embd, config.head_dim, config.intermediate_size
+    q, kv = config.n_head * hs, config.n_kv_head * hs
+    weighted = config.norm == "rmsnorm"  # nanochat's norms have no tensors
+    names: dict[str, list[tuple[str, int]]] = {"transformer.wte.weight": [("model.embed_tokens.weight", config.vocab_size)]}
+    if weighted:
+        names["transformer.ln_f.weight"] = [("model.norm.weight", C)]
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = [("lm_head.weight", config.vocab_size)]
+    if config.mlp == "swiglu":
+        mlp_in, mlp_out = ["gate_proj", "up_proj"], "down_proj"
+    else:
+        mlp_in, mlp_out = ["fc1"], "fc2"
+    for layer in range(config.n_layer):
+        ours, theirs = f"transformer.h.{layer}.", f"model.layers.{layer}."
+        if weighted:
+            names[ours + "ln_1.weight"] = [(theirs + "input_layernorm.weight", C)]
+            names[ours + "ln_2.weight"] = [(theirs + "post_attention_layernorm.weight", C)]
+        if config.qk_norm and weighted:
+            names[ours + "attn.q_norm.weight"] = [(theirs + "self_attn.q_norm.weight", hs)]
+            names[ours + "attn.k_norm.weight"] = [(theirs + "self_attn.k_norm.weight", hs)]
+        for kind in ("weight", "bias") if config.bias else ("weight",):
+            names[ours + f"attn.c_attn.{kind}"] = [
+                (theirs + f"self_attn.{proj}.{kind}", rows)
+                for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))]
+            names[ours + f"attn.c_proj.{kind}"] = [(theirs + f"self_attn.o_proj.{kind}", C)]
+            names[ours + f"mlp.c_fc.{kind}"] = [(theirs + f"mlp.{proj}.{kind}", width) for proj in mlp_in]
+            names[ours + f"mlp.c_proj.{kind}"] = [(theirs + f"mlp.{mlp_out}.{kind}", C)]
+    return names
+
+
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Our state dict's tensor shapes for `config` (the tied lm_head left out)."""
-    C, V = config.n_embd, config.vocab_size
-    shapes = {"transformer.wte.weight": (V, C), "transformer.wpe.weight": (config.block_size, C),
-              "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
-    block = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-             "attn.c_attn.weight": (3 * C, C), "attn.c_attn.bias": (3 * C,),
-             "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-             "mlp.c_fc.weight": (4 * C, C), "mlp.c_fc.bias": (4 * C,),
-             "mlp.c_proj.weight": (C, 4 * C), "mlp.c_proj.bias": (C,)}
+    """Our state dict's tensor shapes for `config` (a tied lm_head left out)."""
+    C, V, hs, width = config.n_embd, config.vocab_size, config.head_dim, config.intermediate_size
+    q, kv = config.n_head * hs, config.n_kv_head * hs
+    shapes = {"transformer.wte.weight": (V, C)}
+    if not config.rope:
+        shapes["transformer.wpe.weight"] = (config.block_size, C)
+    norm = {"layernorm": ("weight", "bias"), "rmsnorm": ("weight",), "rmsnorm_unweighted": ()}[config.norm]
+    shapes.update({f"transformer.ln_f.{kind}": (C,) for kind in norm})
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    block = {f"{ln}.{kind}": (C,) for ln in ("ln_1", "ln_2") for kind in norm}
+    if config.qk_norm:
+        block.update({f"attn.{qk}.{kind}": (hs,) for qk in ("q_norm", "k_norm") for kind in norm})
+    fc = 2 * width if config.mlp == "swiglu" else width
+    linears = {"attn.c_attn": (q + 2 * kv, C), "attn.c_proj": (C, q),
+               "mlp.c_fc": (fc, C), "mlp.c_proj": (C, width)}
+    for name, shape in linears.items():
+        block[name + ".weight"] = shape
+        if config.bias:
+            block[name + ".bias"] = shape[:1]
     for layer in range(config.n_layer):
         shapes.update({f"transformer.h.{layer}.{name}": shape for name, shape in block.items()})
     return shapes
@@ -224,6 +280,46 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
                        source: str) -> dict[str, torch.Tensor]:
+    """The family's HF tensors -> our state dict, checked against `config`."""
+    if config.arch == "gpt2":
+        return _from_gpt2_state_dict(tensors, config, source)
+    import torch
+
+    expected, layout = expected_shapes(config), hf_names(config)
+    where = {name: (ours, index) for ours, parts in layout.items()
+             for index, (name, _) in enumerate(parts)}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # a buffer older checkpoints carry; a tied head's copy of the embedding
+        key = name if name in where or name == "lm_head.weight" else "model." + name
+        if key not in where:
+            raise GptkitError(f"{source} holds an unexpected tensor '{name}'; it is not a "
+                              f"{config.arch} model file matching config.json.")
+        if not tensor.is_floating_point():
+            raise GptkitError(f"{source}: tensor '{name}' has dtype {tensor.dtype}; expected floating point.")
+        ours, index = where[key]
+        pieces.setdefault(ours, {})[index] = tensor
+    state = {}
+    for ours, parts in layout.items():
+        found = pieces.get(ours, {})
+        if len(found) < len(parts):
+            missing = parts[min(set(range(len(parts))) - set(found))][0]
+            raise GptkitError(f"{source} lacks tensor '{missing}', which config.json implies.")
+        for index, (name, rows) in enumerate(parts):
+            want = (rows, *expected[ours][1:])
+            if tuple(found[index].shape) != want:
+                raise GptkitError(
+                    f"{source}: tensor '{name}' has shape {tuple(found[index].shape)} but "
+                    f"config.json implies {want}."
+                )
+        state[ours] = torch.cat([found[i] for i in range(len(parts))]) if len(parts) > 1 \
+            else found[0].contiguous()
+    return state
+
+
+def _from_gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
+                          source: str) -> dict[str, torch.Tensor]:
     """GPT-2 tensors (with or without the 'transformer.' prefix) -> our state dict, checked."""
     expected = expected_shapes(config)
     state = {}

@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate text from a prompt, streaming it to the terminal."""
-    from gptkit.generate import stream_generate
+    from gptkit.checkpoint import resolve_model_dir
+    from gptkit.generate import beam_texts, stream_generate
 
     if args.show_probs:
         return generate_with_probs(args)
@@ -68,15 +69,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return generate_for_task(args)
     if args.prompt is None:
         raise GptkitError("gptkit generate needs a prompt: pass it as an argument.")
-    model, tokenizer = load_generation_model(args, args.model)
-    draft = load_generation_model(args, args.draft_model)[0] if args.draft_model else None
+    model, tokenizer = load_generation_model(args, resolve_model_dir(args.model))
+    draft = (load_generation_model(args, resolve_model_dir(args.draft_model))[0]
+             if args.draft_model else None)
     if args.num_beams > 1:
-        return print_beams(args, model, tokenizer)
+        texts = beam_texts(model, tokenizer, args.prompt, num_beams=args.num_beams,
+                           num_return_sequences=args.num_return_sequences,
+                           max_new_tokens=args.max_new_tokens,
+                           repetition_penalty=args.repetition_penalty)
+        print(("\n" + "-" * 40 + "\n").join(texts))
+        return
     for index in range(args.num_return_sequences):
         if index:
             print("\n" + "-" * 40)
         seed = None if args.seed is None else args.seed + index
-        pieces = stream_generate(
+        pieces = stream_generate(  # checks every setting before anything is printed
             model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
             repetition_penalty=args.repetition_penalty, stop=args.stop, draft_model=draft,
             **sampling_flags(args, seed))
@@ -94,30 +101,14 @@ def sampling_flags(args: argparse.Namespace, seed: int | None) -> dict[str, Any]
                 top_p=args.top_p, seed=seed)
 
 
-def load_generation_model(args: argparse.Namespace, model_dir: str) -> tuple[Any, Any]:
-    """A model in the fast decoding layout that --dtype, --quantize and --compile ask for."""
-    from gptkit.inference import load_for_inference
+def load_generation_model(args: argparse.Namespace, directory: Any) -> tuple[Any, Any]:
+    """The model of a resolved directory in the fast decoding layout that --dtype,
+    --quantize and --compile ask for."""
+    from gptkit.inference import load_directory
     from gptkit.runtime import DTYPES
 
-    return load_for_inference(model_dir, args.device, DTYPES[args.dtype], fast=True,
+    return load_directory(directory, args.device, DTYPES[args.dtype], fast=True,
                               quantize=args.quantize, compile=args.compile)
-
-
-def print_beams(args: argparse.Namespace, model: Any, tokenizer: Any) -> None:
-    """`generate --num-beams N`: beam search prints whole sequences, best first."""
-    import torch
-
-    from gptkit.generate import generate
-
-    ids = torch.tensor([tokenizer.encode(args.prompt)])
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                   num_return_sequences=args.num_return_sequences,
-                   repetition_penalty=args.repetition_penalty, tokenizer=tokenizer)
-    eos = model.config.eos_token_id
-    for index, row in enumerate(out.tolist()):
-        if index:
-            print("\n" + "-" * 40)
-        print(tokenizer.decode([t for t in row if t != eos]))
 
 
 def generate_with_probs(args: argparse.Namespace) -> None:
@@ -142,15 +133,17 @@ def generate_with_probs(args: argparse.Namespace) -> None:
 
 def generate_for_task(args: argparse.Namespace) -> None:
     """`generate --task/--input`: one output per input, formatted with the task template."""
+    from gptkit.checkpoint import resolve_model_dir
     from gptkit.tasks import load_task, read_inputs, run_task
 
-    spec = load_task(args.model, args.task)
+    directory = resolve_model_dir(args.model)
+    spec = load_task(directory, args.task)
     if (args.prompt is None) == (args.input is None):
         raise GptkitError("gptkit generate --task needs exactly one of a prompt argument or --input.")
     if args.num_return_sequences != 1:
         raise GptkitError("--num-return-sequences works with plain prompts only, not --task/--input.")
     examples = read_inputs(args.input if args.input is not None else args.prompt, spec)
-    model, tokenizer = load_generation_model(args, args.model)
+    model, tokenizer = load_generation_model(args, directory)
     sampling = sampling_flags(args, args.seed)
     outputs = run_task(model, tokenizer, spec, examples, max_new_tokens=args.max_new_tokens,
                        repetition_penalty=args.repetition_penalty, stop=args.stop, **sampling)
@@ -160,8 +153,8 @@ def generate_for_task(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model for a task on a JSONL file, fully or with LoRA."""
-    from gptkit.config import TrainConfig
-    from gptkit.finetune import DEFAULT_EPOCHS, FinetuneOptions, finetune
+    from gptkit.config import FinetuneOptions, TrainConfig
+    from gptkit.finetune import DEFAULT_EPOCHS, finetune
 
     if args.epochs is not None and hasattr(args, "max_steps"):
         raise GptkitError("Pass either --epochs or --max-steps, not both.")
@@ -169,9 +162,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     options = FinetuneOptions(
         task=args.task, val=args.val, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, epochs=epochs, save_adapter=args.save_adapter,
-        prompt_field=args.prompt_field, target_field=args.target_field)
+        prompt_field=args.prompt_field, target_field=args.target_field, pack=args.pack)
     cfg = train_config_from_args(args, TrainConfig)
-    cfg.init_from, cfg.extra = args.model, {**cfg.extra, **vars(options)}
+    cfg.init_from, cfg.finetune = args.model, options
     result = finetune(cfg)
     print(f"fine-tuned {result.step} steps in {result.seconds:.0f}s"
           + (f"; val loss {result.val_loss:.4f}" if result.val_loss is not None else "")
@@ -180,11 +173,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Loss and perplexity of a model on a data directory or a text file, or task metrics."""
-    from gptkit.evaluate import evaluate_lm
+    from gptkit.evaluate import evaluate_lm, evaluate_task
 
     if args.task:
-        from gptkit.task_eval import evaluate_task
-
         print(json.dumps(evaluate_task(
             args.model, args.task, args.data, limit=args.limit, out=args.out,
             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
@@ -199,12 +190,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"({result['tokens']:,} tokens)")
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Talk with a model in the terminal: streamed answers, history, /reset, /system, /save."""
+    from gptkit.chat import ChatSession, chat_in_terminal
+    from gptkit.checkpoint import resolve_model_dir
+
+    directory = resolve_model_dir(args.model)
+    model, tokenizer = load_generation_model(args, directory)
+    sampling = sampling_flags(args, args.seed)
+    if args.repetition_penalty != 1.0:
+        sampling["repetition_penalty"] = args.repetition_penalty
+    session = ChatSession(model, tokenizer, system=args.system,
+                          max_new_tokens=args.max_new_tokens, sampling=sampling)
+    chat_in_terminal(session, args.model)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web playground at /."""
     from gptkit.serve import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch_size=args.max_batch_size, max_queue=args.max_queue, device=args.device)
+          max_batch_size=args.max_batch_size, max_queue=args.max_queue, device=args.device,
+          dtype=args.dtype, quantize=args.quantize, compile=args.compile)
 
 def cmd_plot(args: argparse.Namespace) -> None:
     """Plot loss, learning rate and tokens/s of one or more training runs into a PNG."""
@@ -232,22 +239,34 @@ def cmd_attention(args: argparse.Namespace) -> None:
     out = attention_map(model, tokenizer, args.text, args.out, layer=args.layer, head=args.head)
     print(f"wrote {out}")
 
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export a model directory to one GGUF file for llama.cpp, Ollama and LM Studio."""
+    from gptkit.export import export_model
+
+    result = export_model(args.model, args.out, format=args.format, dtype=args.dtype,
+                          force=args.force)
+    print(f"wrote {result.path} ({result.dtype}, {result.bytes / 1e6:.1f} MB, "
+          f"{result.tensors} tensors) in {result.seconds:.1f}s")
+
 # -- flags from dataclass fields ----------------------------------------------------------
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per field; defaults are suppressed so a config file can fill them."""
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
+                        skip: tuple[str, ...] = ()) -> None:
+    """One `--flag` per field, with its help line; defaults are suppressed so a config file
+    can fill them."""
     for f in fields(cls):
-        if f.name in skip or f.name == "extra":
+        if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
         default = f.default if f.default is not MISSING else None
+        text = f"{helps.get(f.name, '')} (default: {default})".lstrip()
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
-                                help=f"(default: {default})")
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=f"(default: {default})")
+                                help=text)
 
 
 def _field_type(annotation: Any) -> Callable[[str], Any]:
@@ -310,16 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
 
-    from gptkit.config import TrainConfig
+    from gptkit.config import TRAIN_HELP, TrainConfig
 
     p = command("train", cmd_train)
     p.add_argument("--config", help="TOML file of training settings (flags override it)")
-    add_dataclass_flags(p, TrainConfig)
+    add_dataclass_flags(p, TrainConfig, TRAIN_HELP, skip=("finetune",))
 
     p = command("finetune", cmd_finetune)
     p.add_argument("--config", help="TOML file of training settings (flags override it)")
     p.add_argument("--model", required=True, help="model directory to start from")
-    p.add_argument("--task", required=True, help="translate, summarize, qa, instruct or completion")
+    p.add_argument("--task", required=True,
+                   help="translate, summarize, qa, instruct, completion, or chat (conversations)")
     p.add_argument("--data", required=True, help="training JSONL file")
     p.add_argument("--val", help="validation JSONL file (loss at each --eval-interval)")
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (default: all weights)")
@@ -329,10 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the LoRA adapters in peft format to OUT/adapter")
     p.add_argument("--epochs", type=float,
                    help="passes over the data (default: 3 unless --max-steps is given)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="several short examples per row, each attending only to itself "
+                        "(default: for chat data whose conversations average under half the "
+                        "context)")
     add_task_field_flags(p)
     # the model's shape comes from --model; fine-tuning runs in one process (no FSDP)
-    add_dataclass_flags(p, TrainConfig, skip=("data", "init_from", "preset", "n_layer", "n_head",
-                                              "n_embd", "fsdp"))
+    add_dataclass_flags(p, TrainConfig, TRAIN_HELP, skip=(
+        "data", "init_from", "preset", "n_layer", "n_head", "n_embd", "fsdp", "finetune"))
 
     p = command("generate", cmd_generate)
     add_generate_flags(p)
@@ -350,12 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=positive_int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--task", help="score generations for this task on a JSONL --data file")
+    p.add_argument("--task", help="score generations for this task on a JSONL --data file "
+                                  "(chat: conversations, scored on their last answer)")
     p.add_argument("--limit", type=positive_int, help="score only the first N records")
     p.add_argument("--out", help="write predictions to this JSONL file")
     p.add_argument("--max-new-tokens", type=positive_int,
                    help="tokens to generate per example (default: from the longest reference)")
     add_task_field_flags(p)
+
+    p = command("chat", cmd_chat)
+    add_chat_flags(p)
 
     p = command("serve", cmd_serve)
     p.add_argument("--model", required=True, help="model directory or hub name")
@@ -369,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond the batch before answering 429 (default: 64)")
     p.add_argument("--device", default="auto")
+    add_speed_flags(p)
 
     p = command("plot", cmd_plot)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories")
@@ -386,12 +415,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", type=int, default=0, help="head, from 0 (default: 0)")
     p.add_argument("--out", default="attention.png", help="PNG file (default: attention.png)")
     p.add_argument("--device", default="auto")
+
+    # --format and --dtype are checked by gptkit.export, so a wrong one is one sentence
+    p = command("export", cmd_export)
+    p.add_argument("--model", required=True, help="model directory to export")
+    p.add_argument("--format", default="gguf", help="output format: gguf (default: gguf)")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.gguf")
+    p.add_argument("--dtype", default="f16",
+                   help="weight matrices: f32, f16, bf16 or q8_0 (default: f16)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     return parser
 
 
 def add_task_field_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-field", help="JSONL name of the task's main input field")
     p.add_argument("--target-field", help="JSONL name of the task's target field")
+
+
+def add_speed_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype, --quantize and --compile: the fast decoding layouts (docs/performance.md)."""
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="activations and unquantized weights (bfloat16: faster on bf16 CPUs/GPUs)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights with per-channel scales (a quarter of fp32's bytes)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: the fastest decoding (except bf16 at "
+                        "batch 8 and up on CPU), after a 10-30 s first compile per shape "
+                        "(falls back with a warning if it fails)")
+
+
+def add_chat_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory or hub name")
+    p.add_argument("--system", help="system message of the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest answer in tokens (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights with per-channel scales")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
@@ -407,14 +475,7 @@ def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="activations and unquantized weights (bfloat16: faster on bf16 CPUs/GPUs)")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 weights with per-channel scales (a quarter of fp32's bytes)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: the fastest decoding (except bf16 at "
-                        "batch 8 and up on CPU), after a 10-30 s first compile (falls back "
-                        "with a warning if it fails)")
+    add_speed_flags(p)
     p.add_argument("--draft-model", help="smaller model directory for speculative decoding")
     p.add_argument("--num-beams", type=positive_int, default=1,
                    help="beam search with this many beams (greedy; prints whole sequences)")

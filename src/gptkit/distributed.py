@@ -142,20 +142,21 @@ def full_model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tens
     return model.state_dict()
 
 
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def full_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                          fsdp: bool) -> dict[str, Any]:
-    """Optimizer state keyed by parameter name, gathered: loadable by any world size."""
+    """The optimizers' state in one dict keyed by parameter name, gathered: loadable by any
+    world size (and split back among the same optimizers by `load_optimizer_state`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    return get_optimizer_state_dict(model, optimizers, options=options)
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def load_optimizer_state(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer],
                          state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
 
 
 def shutdown(info: DistInfo) -> None:

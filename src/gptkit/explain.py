@@ -127,31 +127,35 @@ class HeadAttention(NamedTuple):
 
 
 def attention_weights(model: GPT, ids: torch.Tensor, layer: int) -> HeadAttention:
-    """Recompute layer `layer`'s attention weights from its input and its own c_attn.
+    """Recompute layer `layer`'s attention weights from its input and its own projections.
 
     A forward hook captures what the attention module receives (the block input after
-    ln_1); Q, K, V come from the module's own projection, and the weights are
+    ln_1, and the rotary angles of a RoPE model); Q, K, V come from the module's own
+    `project` (QK-norm and rotation included), and the weights are
     softmax(Q K^T / sqrt(hs)) over earlier positions, as the fused kernel computes them.
+    With grouped-query attention each key/value head is shown under every query head it
+    serves.
     """
     n_layer = model.config.n_layer
     if not 0 <= layer < n_layer:
         raise GptkitError(f"--layer {layer} does not exist; the model has layers 0 to "
                           f"{n_layer - 1}.")
     attn = model.transformer.h[layer].attn
-    captured: list[torch.Tensor] = []
-    handle = attn.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    captured: list[tuple] = []
+    handle = attn.register_forward_pre_hook(lambda module, args: captured.append(args))
     try:
         model.eval()
         with torch.inference_mode():
             model(ids)
     finally:
         handle.remove()
-    x = captured[0]
-    B, T, C = x.shape
-    nh, hs = model.config.n_head, model.config.head_dim
+    x, rope = captured[0][0], (captured[0][3] if len(captured[0]) > 3 else None)
+    T = x.size(1)
+    group = model.config.n_head // model.config.n_kv_head
     with torch.inference_mode():
-        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
+        q, k, v = attn.project(x, rope)  # (B, nh, T, hs), (B, nkv, T, hs) x 2
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         weights = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
     return HeadAttention(weights, v)

@@ -64,8 +64,16 @@ def prefill(model: GPT, idx: torch.Tensor, input_pos: torch.Tensor, position_ids
             attn_mask: torch.Tensor) -> torch.Tensor:
     """Run the prompt (B, T) through the model, filling cache slots `input_pos`; logits (B, V)
     of the last position, the only one generation needs."""
-    return model(idx, position_ids=position_ids, input_pos=input_pos, attn_mask=attn_mask,
-                 last_only=True)[:, -1]
+    return usable_logits(model, model(idx, position_ids=position_ids, input_pos=input_pos,
+                                      attn_mask=attn_mask, last_only=True)[:, -1])
+
+
+def usable_logits(model: GPT, logits: torch.Tensor) -> torch.Tensor:
+    """`logits` (..., V) with the ids at or above `model.token_limit` (padding rows of the
+    vocabulary that no tokenizer decodes) set to -inf, so no decoding path picks them."""
+    if model.token_limit < logits.size(-1):
+        logits[..., model.token_limit:] = float("-inf")
+    return logits
 
 
 def decode_step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor,
@@ -76,8 +84,11 @@ def decode_step(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor,
     step that `gptkit.inference.optimize_for_inference(..., compile=True)` gave the model.
     """
     if model.compiled_decode is not None:
-        return model.compiled_decode(tokens, input_pos, position_ids, attn_mask)
-    return model(tokens, position_ids=position_ids, input_pos=input_pos, attn_mask=attn_mask)[:, 0]
+        logits = model.compiled_decode(tokens, input_pos, position_ids, attn_mask)
+    else:
+        logits = model(tokens, position_ids=position_ids, input_pos=input_pos,
+                       attn_mask=attn_mask)[:, 0]
+    return usable_logits(model, logits)
 
 
 def attention_layout(prompt_mask: torch.Tensor, max_slots: int
@@ -238,8 +249,9 @@ def _speculative_tokens(model: GPT, draft: GPT, ids: torch.Tensor, mask: torch.T
                     guesses.append(logits.argmax(-1))
                 run = torch.cat(guesses)[None]  # (1, k + 1): current token, then the guesses
                 span = slice(slot, slot + k + 1)
-                verified = model(run, input_pos=slots[span], position_ids=positions[:, span],
-                                 attn_mask=attn[:, :, span])[0].argmax(-1)  # (k + 1,)
+                verified = usable_logits(model, model(
+                    run, input_pos=slots[span], position_ids=positions[:, span],
+                    attn_mask=attn[:, :, span])[0]).argmax(-1)  # (k + 1,)
                 agree = int((verified[:k] == run[0, 1:]).long().cumprod(0).sum())
                 if agree == k:  # the draft never saw its last guess; give it that slot
                     at = slot + k
@@ -286,6 +298,16 @@ def _check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_
     if not do_sample and (temperature not in (0, 1.0) or top_k is not None or top_p is not None):
         warnings.warn("temperature, top_k and top_p only apply with do_sample=True; "
                       "decoding greedily.", stacklevel=4)
+
+
+def check_sampling(*, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, repetition_penalty: float = 1.0,
+                   seed: int | None = None) -> None:
+    """Refuse invalid sampling settings in one sentence, before any text is generated (for
+    callers such as `gptkit chat` that generate later, turn after turn)."""
+    _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
+    if seed is not None and not _is_int(seed):
+        raise GptkitError(f"seed must be an integer; got {seed!r}.")
 
 
 def _make_generator(seed: int | None, generator: torch.Generator | None,
@@ -624,8 +646,9 @@ def stream_generate(
     Text is yielded once it decodes without a trailing U+FFFD, so a character split
     across tokens (most CJK characters in byte-level BPE) arrives whole. Ends at
     eos or at a stop string; neither is yielded, and text that might begin a stop string
-    is held back until it is clear. Arguments mean what they mean for `generate`. The
-    model is in eval mode with a cache until the iterator is exhausted or closed.
+    is held back until it is clear. Arguments mean what they mean for `generate`; they are
+    checked at the call, before any text exists. The model is in eval mode with a cache
+    until the iterator is exhausted or closed.
     """
     config = model.config
     device = model.device
@@ -642,7 +665,12 @@ def stream_generate(
     sampling = Sampling(do_sample and temperature > 0, temperature, top_k, top_p,
                         repetition_penalty, _make_generator(seed, generator, device))
     tokens = _token_source(model, ids, mask, new, sampling, draft_model, num_draft_tokens)
-    text = TextStream(tokenizer, stops)
+    return _text_pieces(tokens, TextStream(tokenizer, stops), eos)
+
+
+def _text_pieces(tokens: Iterator[torch.Tensor], text: TextStream, eos: set[int]
+                 ) -> Iterator[str]:
+    """The printable text of a one-row token source, up to eos or a stop string."""
     with closing(tokens):
         for token in tokens:
             token_id = int(token[0])
@@ -656,6 +684,19 @@ def stream_generate(
     tail = text.rest()
     if tail:
         yield tail
+
+
+def beam_texts(model: GPT, tokenizer: TextCodec, prompt: str, *, num_beams: int,
+               num_return_sequences: int = 1, max_new_tokens: int | None = None,
+               repetition_penalty: float = 1.0) -> list[str]:
+    """Beam search on one text prompt: the `num_return_sequences` best whole texts (prompt
+    included, eos dropped), best first."""
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = generate(model, ids, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                   num_return_sequences=num_return_sequences,
+                   repetition_penalty=repetition_penalty, tokenizer=tokenizer)
+    eos = model.config.eos_token_id
+    return [tokenizer.decode([t for t in row if t != eos]) for row in out.tolist()]
 
 
 # -- beam search -----------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 decoding layouts (`optimize_for_inference`) with their compiled decode step.
 
 `optimize_for_inference` swaps every linear layer of the blocks, and the LM head, for
-the layer of `gptkit.kernels.linear` that suits the dtype and device. The LM head is
-tied to the token embedding in training; here it gets its own copy in the fast layout
-while the embedding stays as it is for lookups. On CPU every tensor of the optimized
+the layer of `gptkit.kernels.linear` that suits the dtype and device (the same four
+layers per block in every architecture family). A tied LM head gets its own copy in the
+fast layout while the embedding stays as it is for lookups. On CPU every tensor of the optimized
 model then moves into memory backed by 2 MiB pages (`gptkit.kernels.hugepages`), which
 streams faster than torch's default 4 KiB pages. The model is changed in place and is
-for inference only (its state dict is no longer a GPT-2 checkpoint).
+for inference only (its state dict is no longer a checkpoint of its family).
 
     model = optimize_for_inference(GPT.from_pretrained("out"), dtype=torch.bfloat16)
     generate(model, ids, max_new_tokens=50)
@@ -52,7 +52,15 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
     int8 weights are quantized from the checkpoint's full-precision ones); it can then
     generate but no longer be trained or saved.
     """
-    directory = checkpoint.resolve_model_dir(name_or_dir)
+    return load_directory(checkpoint.resolve_model_dir(name_or_dir), device, dtype, fast=fast,
+                          quantize=quantize, compile=compile)
+
+
+def load_directory(directory: Path, device: str | None = "auto", dtype: torch.dtype | None = None,
+                   *, fast: bool = False, quantize: str | None = None, compile: bool = False
+                   ) -> tuple[GPT, Tokenizer]:
+    """`load_for_inference` for a directory the caller already resolved (with
+    `checkpoint.resolve_model_dir`) because it reads other files of it too."""
     fast = fast or quantize is not None or compile
     config, state = checkpoint.load(directory)
     model = GPT.from_state_dict(config, state, device=pick_device(device),
@@ -66,6 +74,7 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
             f"The tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary holds {model.config.vocab_size}; they do not belong together."
         )
+    model.token_limit = tokenizer.vocab_size  # padded rows beyond it are never generated
     return model, tokenizer
 
 
@@ -98,7 +107,7 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
     tiled = device.type == "cpu" and dtype == torch.float32 and quantize is None
     model.lm_head = TiledLinear(model.lm_head.weight) if tiled else make(model.lm_head)
     for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+        if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
             module.to(dtype)
     if device.type == "cpu":
         move_to_huge_pages(model)
@@ -156,9 +165,8 @@ def _compile_decode(model: GPT, device: torch.device) -> GuardedStep:
     step = GuardedStep(model, None)
     # CUDA: CUDA graphs. CPU: inductor inlines cheap elementwise producers (a LayerNorm,
     # a GELU) into their consumers, which for a row-wise product means recomputing them
-    # once per weight row; realizing anything over 8 ops keeps the weight loops lean
-    # (bf16 decoding of GPT-2 runs ~1.8x faster with it). The wrapper's size asserts
-    # repeat what dynamo's guards check; dropping them saves 25-140 us a step (~90 asserts).
+    # once per weight row; realizing anything over 8 ops keeps the weight loops lean.
+    # The wrapper's size asserts repeat what dynamo's guards check, so they are dropped.
     settings = ({"mode": "reduce-overhead"} if device.type == "cuda"
                 else {"options": {"realize_opcount_threshold": 8, "size_asserts": False}})
     try:

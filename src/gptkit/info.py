@@ -16,21 +16,21 @@ from typing import Any
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 from gptkit.plot import split_metrics
-from gptkit.runlog import METRICS_NAME
+from gptkit.runlog import METRICS_NAME, run_or_model_dir
 
 CONFIG_NAME = "config.json"
+ARCH_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3", "nanochat": "nanochat"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
 
 
 def count_parameters(config: GPTConfig) -> int:
-    """Parameters of the GPT `config` describes (lm_head tied to wte, so counted once).
+    """Parameters of the model `config` describes (a tied lm_head counted once).
 
-    Per block: two LayerNorms (2 x 2C), attention (C x 3C + 3C and C x C + C) and the
-    MLP (C x 4C + 4C and 4C x C + C), i.e. 12 C^2 + 13 C.
+    For GPT-2, per block: two LayerNorms (2 x 2C), attention (C x 3C + 3C and C x C + C)
+    and the MLP (C x 4C + 4C and 4C x C + C), i.e. 12 C^2 + 13 C; `GPTConfig.num_params`
+    counts every family.
     """
-    c = config.n_embd
-    embeddings = (config.vocab_size + config.block_size) * c
-    return embeddings + config.n_layer * (12 * c * c + 13 * c) + 2 * c  # + ln_f
+    return config.num_params()
 
 
 def _read_config(directory: Path) -> GPTConfig | None:
@@ -76,6 +76,7 @@ def directory_info(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise GptkitError(f"{directory} is not a directory; expected a model or run directory.")
+    directory = run_or_model_dir(directory)
     config = _read_config(directory)
     training = _training_info(directory)
     if config is None and training is None:
@@ -113,8 +114,10 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("architecture:   no model saved yet (no config.json)")
     else:
         lines += [
-            f"architecture:   GPT-2, {config['n_layer']} layers, {config['n_head']} heads, "
-            f"width {config['n_embd']}, vocabulary {config['vocab_size']:,}",
+            f"architecture:   {ARCH_NAMES.get(config['arch'], config['arch'])}, "
+            f"{config['n_layer']} layers, {config['n_head']} heads"
+            + (f" ({config['n_kv_head']} key/value)" if config["n_kv_head"] != config["n_head"] else "")
+            + f", width {config['n_embd']}, vocabulary {config['vocab_size']:,}",
             f"parameters:     {info['parameters']:,} ({info['parameters'] / 1e6:.2f}M)",
             f"context length: {info['context_length']:,} tokens",
         ]

@@ -6,9 +6,13 @@
 model is unchanged before training. Only A and B train.
 
 Saving: `merged_model` gives a plain GPT with B @ A folded into the weights, so a
-fine-tuned directory stays an ordinary GPT-2 directory; `save_peft_adapter` writes the
-adapters as Hugging Face `peft` does (`adapter_config.json` + `adapter_model.safetensors`,
-GPT-2 module names), so `PeftModel.from_pretrained(gpt2_model, dir)` reproduces them.
+fine-tuned directory stays an ordinary directory of its family; `save_peft_adapter`
+writes the adapters as Hugging Face `peft` does (`adapter_config.json` +
+`adapter_model.safetensors`, the family's module names), so
+`PeftModel.from_pretrained(hf_model, dir)` reproduces them. For Llama-style families
+our fused projections become the family's separate ones: the adapter of c_attn (A, B)
+is q_proj's, k_proj's and v_proj's with A shared and B split by rows, which is exact
+because B @ A splits the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptkit.checkpoint import commit_files, write_json
+from gptkit.checkpoint import commit_files, hf_names, write_json
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 
@@ -138,6 +142,7 @@ def peft_config(model: GPT, base_model: str | None) -> dict[str, Any]:
     if not layers:
         raise GptkitError("the model has no LoRA adapters to save.")
     rank = layers[0].lora_A.shape[0]
+    gpt2 = model.config.arch == "gpt2"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -145,9 +150,10 @@ def peft_config(model: GPT, base_model: str | None) -> dict[str, Any]:
         "r": rank,
         "lora_alpha": layers[0].scaling * rank,
         "lora_dropout": layers[0].dropout.p,
-        "target_modules": PEFT_TARGETS,
+        "target_modules": PEFT_TARGETS if gpt2 else sorted(
+            {name.rsplit(".", 3)[-3] for name in peft_tensors(model)}),
         # GPT-2's projections are Conv1D (in, out): peft must transpose when merging.
-        "fan_in_fan_out": True,
+        "fan_in_fan_out": gpt2,
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
@@ -155,14 +161,29 @@ def peft_config(model: GPT, base_model: str | None) -> dict[str, Any]:
     }
 
 
+def peft_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """The adapters under peft's names, base_model.model.<HF module path>.lora_A.weight."""
+    state = lora_state_dict(model)
+    if model.config.arch == "gpt2":  # our module paths are GPT-2's
+        return {f"base_model.model.{name}.weight": tensor.float() for name, tensor in state.items()}
+    layout = hf_names(model.config)
+    tensors = {}
+    for name in lora_layers(model):
+        a, b = state[name + ".lora_A"].float(), state[name + ".lora_B"].float()
+        parts = layout[name + ".weight"]
+        for (weight, _), piece in zip(parts, b.split([rows for _, rows in parts]), strict=True):
+            module = "base_model.model." + weight.removesuffix(".weight")
+            tensors[module + ".lora_A.weight"] = a.clone()  # shared by the split projections
+            tensors[module + ".lora_B.weight"] = piece.contiguous()
+    return tensors
+
+
 def save_peft_adapter(model: GPT, directory: str | Path, base_model: str | None = None) -> None:
     """Write the adapters in peft's format, atomically; `base_model` names the frozen model."""
     from safetensors.torch import save_file
 
-    # peft names tensors after the wrapped module: base_model.model.<path>.lora_A.weight
-    tensors = {f"base_model.model.{name}.weight": tensor.float()
-               for name, tensor in lora_state_dict(model).items()}
     config = peft_config(model, base_model)
+    tensors = peft_tensors(model)
     commit_files(directory, {
         ADAPTER_CONFIG_NAME: lambda p: write_json(p, config),
         ADAPTER_WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),

@@ -1,14 +1,23 @@
-"""The GPT-2 network: embeddings, causal self-attention, MLP, blocks, LM head, KV cache.
+"""The network: embeddings, positions, attention, MLP, norms, blocks, LM head, KV cache.
+
+One implementation builds every architecture family of `gptkit.config.ARCHS`: GPT-2
+(learned positions, LayerNorm, GELU), Llama (rotary positions, RMSNorm, SwiGLU,
+grouped-query attention), Qwen3 (Llama plus QK-norm) and nanochat (rotary positions,
+parameter-free RMSNorm also after the embedding, QK-norm, ReLU², soft-capped logits).
+The config says which; the code below differs between them only where the families do.
 
 The network only: how its operations run fast (fused kernels, compiled forms, inference
 layouts) is `gptkit.kernels`' business, and files are `gptkit.checkpoint`'s.
 
-Module and parameter names mirror Hugging Face's `GPT2LMHeadModel` (transformer.wte,
-transformer.h.0.attn.c_attn, ...) so checkpoints convert by name; the only layout
-difference is that we use `nn.Linear` (out, in) where GPT-2 used Conv1D (in, out).
+Module and parameter names are GPT-2's (`GPT2LMHeadModel`: transformer.wte,
+transformer.h.0.attn.c_attn, ...) for every family, with q, k, v in one projection
+(`c_attn`) and a gated MLP's gate and up projections in one (`c_fc`), so that inference
+layouts and LoRA see the same four linear layers per block; `gptkit.checkpoint` splits
+and renames them into each family's Hugging Face tensors. We use `nn.Linear` (out, in)
+where GPT-2 used Conv1D (in, out).
 
-Shapes in comments: B batch, T new tokens, S cache slots, C = n_embd, nh heads,
-hs = C // nh head size, V vocabulary.
+Shapes in comments: B batch, T new tokens, S cache slots, C = n_embd, nh query heads,
+nkv key/value heads, hs head size, I MLP width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptkit import checkpoint
@@ -28,6 +38,7 @@ from gptkit.kernels import attention, gelu_tanh, lm_head_loss
 
 # The decode step's signature: (tokens (B, 1), input_pos, position_ids, attn_mask) -> logits (B, V)
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of each position's angles, (B or 1, 1, T, hs)
 
 
 class KVCache(nn.Module):
@@ -39,7 +50,7 @@ class KVCache(nn.Module):
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("k", k, persistent=False)  # (B, nh, S, hs)
+        self.register_buffer("k", k, persistent=False)  # (B, nkv, S, hs)
         self.register_buffer("v", v, persistent=False)
 
     @classmethod
@@ -49,14 +60,15 @@ class KVCache(nn.Module):
         return cls(torch.zeros(shape, dtype=dtype, device=device),
                    torch.zeros(shape, dtype=dtype, device=device))
 
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A cache over rows start..stop-1 of this one, sharing its memory (a batch of
-        requests that occupies part of a larger pool)."""
-        return KVCache(self.k[start:stop], self.v[start:stop])
+    def rows(self, start: int, stop: int, slots: int | None = None) -> KVCache:
+        """A cache over rows start..stop-1 (and the first `slots` slots) of this one, sharing
+        its memory: a batch of requests that occupies part of a larger pool, whose
+        attention need not read slots no row has reached yet."""
+        return KVCache(self.k[start:stop, :, :slots], self.v[start:stop, :, :slots])
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) at slots `input_pos` and return the whole cache.
+        """Write k, v (B, nkv, T, hs) at slots `input_pos` and return the whole cache.
 
         `input_pos` is (T,) when every row writes the same slots, or (B, T) when rows
         sit at different positions (continuous batching).
@@ -66,70 +78,191 @@ class KVCache(nn.Module):
             self.v.index_copy_(2, input_pos, v)
         else:
             rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
-            self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, nh, hs)
+            self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, nkv, hs)
             self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
 
-class CausalSelfAttention(nn.Module):
-    """softmax(Q K^T / sqrt(hs)) V over earlier positions only, for nh heads at once."""
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    """The family's normalisation over the last `dim` features.
+
+    LayerNorm (GPT-2) subtracts the mean and divides by the standard deviation, then
+    applies a gain and a bias. RMSNorm (Zhang & Sennrich 2019; Llama, Qwen3) only
+    divides by the root mean square, x / sqrt(mean(x^2) + eps), then applies a gain;
+    nanochat drops the gain too, so its norms have no parameters at all.
+    """
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.layer_norm_epsilon)
+    return nn.RMSNorm(dim, eps=config.layer_norm_epsilon,
+                      elementwise_affine=config.norm == "rmsnorm")
+
+
+def rope_frequencies(config: GPTConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotary positions' angular frequencies, theta^(-2i/hs) for i < hs/2 (hs/2,), fp32.
+
+    Pair i turns by position * frequency[i]: the first pairs fast, the last ones slowly,
+    like the hands of a clock. `rope_scaling` stretches the slow ones for longer contexts
+    ("linear": all of them by `factor`; "llama3": only wavelengths beyond the original
+    context, blending in between), computed as transformers does.
+    """
+    hs = config.head_dim
+    exponents = torch.arange(0, hs, 2, dtype=torch.int64, device=device).float() / hs
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    old_context = scaling["original_max_position_embeddings"]  # llama3
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021): the angles cos and sin by which
+    each position turns its queries' and keys' dimension pairs.
+
+    Rotating q at position m by m*f and k at position n by n*f makes their dot product
+    depend on m - n only: attention sees relative positions, with no learned table and
+    no fixed maximum. The frequencies are constants of the config: they follow the
+    model's device but stay fp32 whatever dtype the model is cast to.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.config = config
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        # transformers' NanoChat (like nanochat itself) turns the other way: sin negated
+        self.sin_sign = -1.0 if config.arch == "nanochat" else 1.0
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """cos, sin (B or 1, 1, T, hs) for positions (B or 1, T)."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hs/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # dimension i pairs with i + hs/2
+        return (angles.cos().to(dtype).unsqueeze(1),
+                (self.sin_sign * angles.sin()).to(dtype).unsqueeze(1))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> RotaryEmbedding:
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_frequencies(self.config, self.inv_freq.device)  # fp32 again
+        return self
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its angle.
+
+    The "rotate half" layout of Hugging Face's Llama: (x1, x2) -> (x1 cos - x2 sin,
+    x2 cos + x1 sin) with x1, x2 the two halves of each head.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """softmax(Q K^T / sqrt(hs)) V over earlier positions only, for nh heads at once.
+
+    With grouped-query attention (Ainslie et al. 2023) nkv < nh: each key/value head
+    serves nh / nkv consecutive query heads, which shrinks the KV cache by that factor.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_width, self.kv_width = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # q, k, v in one matmul: (C) -> (nh + 2 nkv) * hs
+        self.c_attn = nn.Linear(config.n_embd, self.q_width + 2 * self.kv_width, bias=config.bias)
+        self.c_proj = nn.Linear(self.q_width, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm (Qwen3, nanochat): each head's queries and keys RMS-normalised, which
+        # bounds the attention logits and so steadies training at high learning rates
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
         self.kv_cache: KVCache | None = None
 
+    def project(self, x: torch.Tensor, rope: Rope | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, nh, T, hs), keys and values (B, nkv, T, hs) of x (B, T, C)."""
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split([self.q_width, self.kv_width, self.kv_width], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            # Qwen3 normalises, then rotates; nanochat rotates, then normalises. A rotation
+            # keeps a head's length, so the order changes nothing but rounding.
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
+
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                attn_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if self.kv_cache is not None:
             if input_pos is None:
                 raise ValueError("a model with a KV cache needs input_pos (the cache slots to write)")
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nh, S, hs)
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
         # Flash / memory-efficient kernels where available; the causal mask is implicit
         # in training and explicit (over cache slots and padding) in generation.
         y = attention(q, k, v, attn_mask, is_causal=attn_mask is None and self.kv_cache is None,
                       dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, self.q_width)  # heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: 4x wider, GELU (tanh approximation, as GPT-2)."""
+    """Position-wise feed-forward network, C -> I -> C, with the family's nonlinearity.
+
+    gelu (GPT-2): GELU in its tanh approximation, I = 4C. relu2 (nanochat): relu(x)^2,
+    as cheap as ReLU and as smooth near 0 as GELU needs (So et al. 2021). swiglu (Llama,
+    Qwen3): silu(x W_gate) * (x W_up), a gate learnt per feature (Shazeer 2020); the two
+    input projections are one matrix here, c_fc (C -> 2I), gate rows first.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.kind = config.mlp
+        width = config.intermediate_size
+        self.c_fc = nn.Linear(config.n_embd, 2 * width if self.kind == "swiglu" else width,
+                              bias=config.bias)
+        self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, I), or (B, T, 2I) for swiglu
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = gelu_tanh(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, attn_mask)
+                attn_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), input_pos, attn_mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -155,26 +288,38 @@ def skip_weight_init() -> Iterator[None]:
 
 
 class GPT(nn.Module):
-    """A GPT-2 language model: token ids (B, T) -> next-token logits (B, T, V)."""
+    """A decoder-only language model: token ids (B, T) -> next-token logits (B, T, V)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embeddings
+        if not config.rope:  # GPT-2's learned position embeddings
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.embed_norm:  # nanochat normalises the embedding before the first block
+            layers["ln_emb"] = make_norm(config, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+            **layers,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            ln_f=make_norm(config, config.n_embd),
         ))
+        self.rotary = RotaryEmbedding(config) if config.rope else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the output projection reuses the token
-        # embedding, saving V*C parameters; GPT-2 does the same.
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_word_embeddings:
+            # Weight tying (Press & Wolf 2017): the output projection reuses the token
+            # embedding, saving V*C parameters; GPT-2 does the same.
+            self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
         # The inference contract: `gptkit.inference` may install a compiled decode step,
         # which generation then runs instead of `forward` (see `gptkit.generate.decode_step`).
         self.compiled_decode: DecodeStep | None = None
+        # Token ids at or above this are never generated: a vocabulary padded beyond its
+        # tokenizer's (GPT-2's 50,257 to 50,304) has rows no tokenizer can decode.
+        self.token_limit: int = config.vocab_size
+        if config.arch == "nanochat":
+            self._init_nanochat()
+            return
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer): each block adds
         # two of them to the residual stream, whose variance would otherwise grow.
@@ -191,6 +336,26 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _init_nanochat(self) -> None:
+        """nanochat's initialisation: each matrix at std 1/sqrt(fan_in) (shrunk for wide
+        inputs, arXiv 2310.17022), embeddings at std 1 (a norm follows them), and the
+        residual projections and the head at zero, so every block starts as the identity
+        and the first logits are uniform."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                std = min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        if not self.config.tie_word_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
+
     @property
     def device(self) -> torch.device:
         """Where the model's weights (and so its inputs and caches) live."""
@@ -199,7 +364,9 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); optionally without position embeddings."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(self, idx: torch.Tensor, *, targets: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
@@ -224,19 +391,30 @@ class GPT(nn.Module):
         if position_ids is None:
             start = 0 if input_pos is None else input_pos.reshape(-1)[0]
             position_ids = (torch.arange(T, device=idx.device) + start).unsqueeze(0)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(position_ids, x.dtype)  # positions enter inside attention
+        else:
+            x = x + self.transformer.wpe(position_ids)
+        if self.config.embed_norm:
+            x = self.transformer.ln_emb(x)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    block, x, input_pos, attn_mask, use_reentrant=False)
+                    block, x, input_pos, attn_mask, rope, use_reentrant=False)
             else:
-                x = block(x, input_pos, attn_mask)
+                x = block(x, input_pos, attn_mask, rope)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.ln_f(x)
+        # nanochat's soft-cap, cap * tanh(logits / cap), keeps logits in (-cap, cap)
+        cap = self.config.logit_softcap
         if targets is None:
-            return self.lm_head(x)
-        return lm_head_loss(x, self.lm_head, targets)
+            logits = self.lm_head(x)
+            return cap * torch.tanh(logits / cap) if cap else logits
+        return lm_head_loss(x, self.lm_head, targets, softcap=cap)
 
     # -- KV cache --------------------------------------------------------------------
 
@@ -250,8 +428,8 @@ class GPT(nn.Module):
         dtype = dtype or (weight.dtype if weight.is_floating_point() else torch.float32)
         device = device or self.device
         for block in self.transformer.h:
-            block.attn.kv_cache = KVCache.empty(batch_size, self.config.n_head, max_slots,
-                                          self.config.head_dim, dtype, device)
+            block.attn.kv_cache = KVCache.empty(batch_size, self.config.n_kv_head, max_slots,
+                                                self.config.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
         self.kv_caches = [None] * len(self.transformer.h)
@@ -272,7 +450,7 @@ class GPT(nn.Module):
             cache.k.copy_(cache.k.index_select(0, rows))
             cache.v.copy_(cache.v.index_select(0, rows))
 
-    # -- model directories (Hugging Face GPT-2 layout) -------------------------------
+    # -- model directories (the family's Hugging Face layout) --------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path, device: str | torch.device | None = None,
@@ -290,7 +468,8 @@ class GPT(nn.Module):
         with skip_weight_init():
             model = cls(config)
         model.load_state_dict(state, strict=False, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
         model.to(device=device, dtype=dtype)
         return model.eval()
 

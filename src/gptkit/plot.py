@@ -1,7 +1,7 @@
 """Loss curves of training runs as a PNG, from their `metrics.jsonl`.
 
     gptkit plot runs/a runs/b --out compare.png      # several runs overlaid
-    plot_runs([run_dir], run_dir / "loss.png")       # what training redraws at each eval
+    plot_runs([run_dir], run_dir / "loss.png")       # what `LivePlot` redraws at each eval
 
 Panels: train and val loss against tokens seen (the fair x-axis when runs differ in
 batch size), learning rate, and tokens/s. Matplotlib is imported lazily and drawn
@@ -14,16 +14,18 @@ rather than an error, so a training loop can redraw at every eval.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptkit.errors import GptkitError
-from gptkit.runlog import METRICS_NAME, read_metrics
+from gptkit.runlog import METRICS_NAME, read_metrics, run_or_model_dir
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 DPI = 80  # small files (tens of kB), quick to draw
+PLOT_NAME = "loss.png"
 
 
 def split_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -80,7 +82,7 @@ def plot_runs(run_dirs: list[Path], out: Path, log_x: bool = False) -> Path:
     Raises GptkitError only for a path that is not a run directory (no metrics.jsonl);
     empty or partly written metrics give a partial plot.
     """
-    run_dirs, out = [Path(d) for d in run_dirs], Path(out)
+    run_dirs, out = [run_or_model_dir(Path(d)) for d in run_dirs], Path(out)
     if not run_dirs:
         raise GptkitError("gptkit plot needs at least one run directory.")
     for d in run_dirs:
@@ -115,3 +117,24 @@ def plot_runs(run_dirs: list[Path], out: Path, log_x: bool = False) -> Path:
     if log_x and anything:
         loss_ax.set_xscale("log", nonpositive="mask")  # the step-0 eval sits at 0 tokens
     return save_figure(figure, out)
+
+
+class LivePlot:
+    """A training-run sink that redraws run_dir/loss.png at every evaluation, so a user can
+    watch the run; a plotting problem never stops training."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.enabled = True
+
+    def log(self, step: int, scalars: dict[str, float], is_eval: bool) -> None:
+        if not (is_eval and self.enabled):
+            return
+        try:
+            plot_runs([self.run_dir], self.run_dir / PLOT_NAME)
+        except Exception as exc:  # matplotlib missing or failing: keep training
+            warnings.warn(f"could not draw {PLOT_NAME}: {exc}", stacklevel=2)
+            self.enabled = False
+
+    def close(self) -> None:
+        pass

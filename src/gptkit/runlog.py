@@ -1,5 +1,5 @@
-"""Where a training run's numbers go: metrics.jsonl always; TensorBoard, Weights & Biases
-and a loss plot when asked.
+"""Where a training run's numbers go: metrics.jsonl always, then any sinks the run asks
+for (TensorBoard, Weights & Biases here; the live loss plot in `gptkit.plot`).
 
 `metrics.jsonl` is the record scripts rely on: one JSON object per line, flushed at once.
 Training lines carry step, tokens, loss, lr, tokens_per_s; evaluation lines step and
@@ -9,13 +9,14 @@ val_loss; events (skipped non-finite steps, loss spikes) an "event" name.
 from __future__ import annotations
 
 import json
+import os
 import sys
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from gptkit.errors import GptkitError
 
 METRICS_NAME = "metrics.jsonl"
-PLOT_NAME = "loss.png"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -36,87 +37,98 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-class RunLog:
-    """Fan each record out to metrics.jsonl and the optional integrations."""
+DEMO_MODEL_DIR = "model"  # where `gptkit demo` puts its run inside its output folder
 
-    def __init__(self, run_dir: Path, resume_step: int | None, *, tensorboard: bool = False,
-                 wandb: bool = False, plot: bool = True, config: dict[str, Any] | None = None
+
+def run_or_model_dir(directory: Path) -> Path:
+    """`directory`, or the run inside it when it is a `gptkit demo` output folder (whose
+    corpus, tokenizer and data sit beside the run in `model/`)."""
+    inner = directory / DEMO_MODEL_DIR
+    if not (directory / METRICS_NAME).exists() and not (directory / "config.json").exists() \
+            and ((inner / METRICS_NAME).exists() or (inner / "config.json").exists()):
+        return inner
+    return directory
+
+
+class Sink(Protocol):
+    """Somewhere a run's numbers go besides metrics.jsonl (TensorBoard, W&B, a live plot)."""
+
+    def log(self, step: int, scalars: dict[str, float], is_eval: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RunLog:
+    """Write each record to metrics.jsonl and fan its scalars out to the `sinks`."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, sinks: list[Sink] | None = None
                  ) -> None:
         self.run_dir = run_dir
-        # the integrations first: one whose package is missing then leaves no file open
-        self.tensorboard = _tensorboard_writer(run_dir) if tensorboard else None
-        self.wandb = _wandb_run(run_dir, config or {}) if wandb else None
+        self.sinks = list(sinks or [])
         path = run_dir / METRICS_NAME
         kept = [] if resume_step is None else [
             r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
         # drop what was logged after the checkpoint we resume from
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self.file = open(path, "a", encoding="utf-8")
-        self.plot = plot
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        step = record.get("step", 0)
         scalars = {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "tokens_per_s")}
         if "val_loss" in record:
             scalars["val/loss"] = record["val_loss"]
-            self._plot()
-        if self.tensorboard is not None:
-            for name, value in scalars.items():
-                self.tensorboard.add_scalar(name, value, step)
-            self.tensorboard.flush()
-        if self.wandb is not None and scalars:
-            self.wandb.log(scalars, step=step)
-
-    def _plot(self) -> None:
-        """Refresh loss.png so a user can watch the run; never fatal."""
-        if not self.plot:
-            return
-        from gptkit.errors import GptkitError
-
-        try:
-            from gptkit.plot import plot_runs
-
-            plot_runs([self.run_dir], self.run_dir / PLOT_NAME)
-        except (ImportError, GptkitError):
-            self.plot = False  # matplotlib is optional (the `viz` extra)
-        except Exception as exc:  # a plotting problem must not stop training
-            warnings.warn(f"could not draw {PLOT_NAME}: {exc}", stacklevel=2)
-            self.plot = False
+        if scalars:
+            for sink in self.sinks:
+                sink.log(record.get("step", 0), scalars, "val_loss" in record)
 
     def close(self) -> None:
         self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for sink in self.sinks:
+            sink.close()
 
 
-def _tensorboard_writer(run_dir: Path) -> Any:
-    from gptkit.errors import GptkitError
+class TensorBoardSink:
+    """Scalars into run_dir/tensorboard (the `tensorboard` extra)."""
 
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise GptkitError("--tensorboard needs the tensorboard package, an optional extra; "
-                          "install it with `pip install 'gptkit[tensorboard]'`.") from None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise GptkitError(_missing_extra("tensorboard")) from None
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float], is_eval: bool) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
-def _wandb_run(run_dir: Path, config: dict[str, Any]) -> Any:
-    """A W&B run; offline (synced later with `wandb sync`) when no API key is configured."""
-    import os
+class WandbSink:
+    """A W&B run (the `wandb` extra); offline, synced later with `wandb sync`, when no API
+    key is configured."""
 
-    from gptkit.errors import GptkitError
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise GptkitError(_missing_extra("wandb")) from None
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode == "offline":
+            print("wandb: no WANDB_API_KEY, logging offline into the run directory", file=sys.stderr)
+        self.run = wandb.init(project=config.get("wandb_project", "gptkit"), dir=str(run_dir),
+                              config=config, mode=mode, name=run_dir.name)
 
-    try:
-        import wandb
-    except ImportError:
-        raise GptkitError("--wandb needs the wandb package, an optional extra; install it with "
-                          "`pip install 'gptkit[wandb]'`.") from None
-    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    if mode == "offline":
-        print("wandb: no WANDB_API_KEY, logging offline into the run directory", file=sys.stderr)
-    return wandb.init(project=config.get("wandb_project", "gptkit"), dir=str(run_dir),
-                      config=config, mode=mode, name=run_dir.name)
+    def log(self, step: int, scalars: dict[str, float], is_eval: bool) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _missing_extra(name: str) -> str:
+    return (f"--{name} needs the {name} package, an optional extra; install it with "
+            f"`pip install 'gptkit[{name}]'`.")

@@ -60,8 +60,8 @@ def tune_allocator() -> bool:
     """Keep freed memory in glibc's heap instead of returning it to the OS each step.
 
     A training step frees and re-allocates the same large activation buffers; by default
-    glibc serves them with fresh mmaps that page-fault on first touch, which costs 15-20%
-    of a CPU step (see PERF-NOTES). Disabling mmap for large blocks and never trimming
+    glibc serves them with fresh mmaps that page-fault on first touch, a large part of a
+    CPU step (docs/performance.md). Disabling mmap for large blocks and never trimming
     the heap keeps those pages mapped. Returns False where glibc is not the allocator.
     """
     import ctypes

@@ -8,7 +8,7 @@ evaluation, `gptkit generate --task` and `run_task` all format prompts the same 
     spec = load_task("runs/sum", "summarize")
     print(run_task(model, tokenizer, spec, ["A long document ..."])[0])
 
-| task | fields (prompt ...; target) | metrics (`gptkit.task_eval`) |
+| task | fields (prompt ...; target) | metrics (`gptkit.evaluate`) |
 | --- | --- | --- |
 | translate | source (+ source_lang, target_lang); target | BLEU, chrF |
 | summarize | document; summary | ROUGE-1/2/L |
@@ -75,6 +75,10 @@ class TaskSpec:
 
     def target_text(self, target: str) -> str:
         return self.target_prefix + target
+
+    def render(self, example: Example) -> tuple[str, str]:
+        """(prompt text, target text) of a training example: its first target."""
+        return self.format_prompt(example.prompt), self.target_text(example.targets[0])
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": TASK_FILE_VERSION, **dataclasses.asdict(self)}

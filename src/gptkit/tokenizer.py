@@ -12,7 +12,9 @@ from the same vocabulary: several times faster, and tested to give identical ids
 
 `<|endoftext|>` is the end-of-text token and also serves as bos, pad and (for BPE) unk,
 as in GPT-2. Written literally in a text, it is encoded as that special token, as Hugging
-Face tokenizers do by default.
+Face tokenizers do by default. A chat model's tokenizer (see `gptkit.conversation`) adds
+`<|im_start|>` and `<|im_end|>`, names `<|im_end|>` its eos token and carries the Jinja
+`chat_template`, saved in tokenizer_config.json and as chat_template.jinja.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 EOT = "<|endoftext|>"
 UNK = "<unk>"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 KINDS = ("bpe", "char")
 # Files a tokenizer directory may hold; the hub download fetches only these.
@@ -248,22 +251,32 @@ class Tokenizer:
         *,
         eos_token: str = EOT,
         model_max_length: int | None = None,
+        pad_token: str | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self._backend = backend
-        spec = json.loads(backend.to_str())
-        self._kind = _detect_kind(spec)
-        eos_id = backend.token_to_id(eos_token)
-        if eos_id is None:
-            raise GptkitError(
-                f"the tokenizer has no end-of-text token {eos_token!r}; expected it in its "
-                "vocabulary."
-            )
+        self._kind = _detect_kind(json.loads(backend.to_str()))
         self._eos_token = eos_token
-        self._eos_id = eos_id
-        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self._unk_id = backend.token_to_id(UNK) if self._kind == "char" else None
-        self._fast = _tiktoken_encoding(spec, eos_token) if self._kind == "bpe" else None
+        # padding (and bos) stay end-of-text when a chat tokenizer's eos becomes <|im_end|>
+        self._pad_token = pad_token or eos_token
         self.model_max_length = model_max_length
+        self.chat_template = chat_template  # a Jinja chat template (chat models), or None
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Derive ids, sizes and the fast engine from the backend (again, after adding tokens)."""
+        spec = json.loads(self._backend.to_str())
+        for name, token in (("end-of-text", self._eos_token), ("padding", self._pad_token)):
+            if self._backend.token_to_id(token) is None:
+                raise GptkitError(
+                    f"the tokenizer has no {name} token {token!r}; expected it in its vocabulary."
+                )
+        self._eos_id = self._backend.token_to_id(self._eos_token)
+        self._pad_id = self._backend.token_to_id(self._pad_token)
+        self._vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
+        self._unk_id = self._backend.token_to_id(UNK) if self._kind == "char" else None
+        self._fast = _tiktoken_encoding(spec, self._pad_token) if self._kind == "bpe" else None
+        self.__dict__.pop("hash", None)  # a cached hash of the old vocabulary
 
     # ---- construction -------------------------------------------------------------------
 
@@ -368,9 +381,8 @@ class Tokenizer:
         config: dict[str, Any] = {}
         if (path / "tokenizer_config.json").is_file():
             config = read_json(path / "tokenizer_config.json")
-        eos = config.get("eos_token", EOT)
-        if isinstance(eos, dict):  # older transformers save AddedToken dicts
-            eos = eos.get("content", EOT)
+        eos = _token_text(config.get("eos_token"), EOT)
+        pad = _token_text(config.get("pad_token"), eos)
         max_len = config.get("model_max_length")
         if not isinstance(max_len, int) or max_len > _NO_MAX_LENGTH:
             max_len = None
@@ -390,19 +402,23 @@ class Tokenizer:
                 f"{path} holds no tokenizer; expected tokenizer.json, vocab.json + merges.txt, "
                 "or encoder.json + vocab.bpe."
             )
-        return cls(backend, eos_token=eos, model_max_length=max_len)
+        if backend.token_to_id(pad) is None:  # e.g. a pad token this engine does not keep
+            pad = eos
+        return cls(backend, eos_token=eos, model_max_length=max_len, pad_token=pad,
+                   chat_template=_read_chat_template(path, config))
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json, which
-        `transformers.AutoTokenizer.from_pretrained(directory)` loads with the same ids."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (and a chat
+        model's chat_template.jinja), which `transformers.AutoTokenizer.from_pretrained(directory)`
+        loads with the same ids and chat template."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(directory / "tokenizer.json"))
         specials = {
-            "bos_token": self._eos_token,
+            "bos_token": self._pad_token,
             "eos_token": self._eos_token,
-            "unk_token": UNK if self._kind == "char" else self._eos_token,
-            "pad_token": self._eos_token,
+            "unk_token": UNK if self._kind == "char" else self._pad_token,
+            "pad_token": self._pad_token,
         }
         config: dict[str, Any] = {
             "tokenizer_class": (
@@ -414,6 +430,10 @@ class Tokenizer:
         }
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            # both places: transformers before 4.43 reads the config, later ones the file
+            config["chat_template"] = self.chat_template
+            (directory / CHAT_TEMPLATE_FILE).write_text(self.chat_template, encoding="utf-8")
         for name, content in [
             ("tokenizer_config.json", config),
             ("special_tokens_map.json", specials),
@@ -441,9 +461,42 @@ class Tokenizer:
         return self._eos_id
 
     @property
+    def pad_token(self) -> str:
+        return self._pad_token
+
+    @property
     def pad_token_id(self) -> int:
-        """Padding reuses end-of-text, as GPT-2 users do; the attention mask hides it."""
-        return self._eos_id
+        """Padding reuses end-of-text, as GPT-2 users do; the attention mask hides it. (A chat
+        tokenizer keeps it when its eos becomes the end-of-turn token.)"""
+        return self._pad_id
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token of the vocabulary (special ones included), or None."""
+        return self._backend.token_to_id(token)
+
+    def set_eos_token(self, token: str) -> None:
+        """Make `token` (already in the vocabulary) the eos token; padding keeps its token."""
+        if self._backend.token_to_id(token) is None:
+            raise GptkitError(f"{token!r} is not in the vocabulary; add it before naming it eos.")
+        self._eos_token = token
+        self._refresh()
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> int:
+        """Add `tokens` as special tokens (never split, left out by skip_special_tokens) at
+        the next free ids, as Hugging Face does; returns how many were new."""
+        new = [t for t in tokens if self._backend.token_to_id(t) is None]
+        self._backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                          for t in new])
+        self._refresh()
+        return len(new)
+
+    def add_tokens(self, tokens: Sequence[str]) -> int:
+        """Add ordinary tokens at the next free ids (a char tokenizer's missing characters);
+        returns how many were new."""
+        new = [t for t in tokens if self._backend.token_to_id(t) is None]
+        self._backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+        self._refresh()
+        return len(new)
 
     @property
     def unk_token_id(self) -> int | None:
@@ -479,6 +532,21 @@ class Tokenizer:
         import torch
 
         return torch.tensor([ids], dtype=torch.long)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` and each token's (start, end) character span in it, from the
+        tokenizers engine that `transformers` runs (what chat loss masks are computed from)."""
+        _check_text(text)
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def encode_batch_with_offsets(self, texts: list[str]
+                                  ) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """`encode_with_offsets` for many texts, in parallel."""
+        for text in texts:
+            _check_text(text)
+        return [(e.ids, e.offsets)
+                for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
     def encode_numpy(self, text: str) -> np.ndarray:
         """Ids of `text` as a uint32 array, without building a Python list on the fast path
@@ -563,6 +631,28 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self._kind!r}, vocab_size={self._vocab_size})"
+
+
+def _token_text(value: Any, default: str) -> str:
+    """A special token from tokenizer_config.json: a string, or an AddedToken dict of older
+    transformers versions."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else default
+
+
+def _read_chat_template(path: Path, config: dict[str, Any]) -> str | None:
+    """The chat template of a tokenizer directory: chat_template.jinja (transformers 4.43+),
+    else tokenizer_config.json's `chat_template` (a string, or named templates: "default")."""
+    if (path / CHAT_TEMPLATE_FILE).is_file():
+        return (path / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise GptkitError(f"{path / 'tokenizer_config.json'}: chat_template must be a string.")
+    return template
 
 
 def _byte_level_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> HFTokenizer:

@@ -1,6 +1,6 @@
 """One training loop for pretraining and fine-tuning.
 
-AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient
+AdamW or Muon + AdamW (`gptkit.optim`), linear warmup then cosine decay, gradient
 accumulation and clipping, mixed precision, optional `torch.compile`, periodic
 evaluation, `metrics.jsonl`, atomic checkpoints, and exact resume: the run directory
 holds the model (a Hugging Face GPT-2 directory) plus `train_state.pt` with the
@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,10 +29,13 @@ from gptkit import distributed
 from gptkit.checkpoint import ensure_intact, recover, save_model, write_json
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
-from gptkit.kernels.crossentropy import IGNORE_INDEX
+from gptkit.evaluate import lm_loss
 from gptkit.model import GPT
-from gptkit.runlog import RunLog
+from gptkit.optim import apply_schedule, make_optimizer
+from gptkit.plot import LivePlot
+from gptkit.runlog import RunLog, Sink, TensorBoardSink, WandbSink
 from gptkit.runtime import autocast, pick_device, pick_dtype
+from gptkit.sft import batch_on
 
 STATE_NAME = "train_state.pt"
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -40,66 +43,13 @@ SPIKE_FACTOR = 2.0  # a logged loss this many times the recent minimum is report
 
 
 class Batches(Protocol):
-    """A resumable stream of (inputs, targets) batches; targets use IGNORE_INDEX to mask."""
+    """A resumable stream of (inputs, targets) batches; targets use IGNORE_INDEX to mask.
+    A third element, if any, holds more keyword arguments of the model's forward (packed
+    rows' `position_ids` and `attn_mask`, see `gptkit.sft`)."""
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW decaying matrices (weights, embeddings) but not biases and LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is ~10x faster than foreach on CPU too, and it can skip a step
-    # without a host sync (`found_inf`); sharded (DTensor) parameters take foreach.
-    fused = device.type in ("cuda", "cpu") and not cfg.fsdp
-    kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **kind)
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device, dtype: torch.dtype,
-             info: distributed.DistInfo = distributed.SINGLE) -> tuple[float, int]:
-    """Token-weighted mean loss over `batches`, and the number of target tokens.
-
-    Under torchrun each rank scores an equal share of the batches (FSDP needs every rank
-    to run the same number of forwards) and the sums are combined.
-    """
-    batches = list(batches)
-    if info.enabled and len(batches) >= info.world_size:
-        share = len(batches) // info.world_size
-        batches = batches[info.rank * share:(info.rank + 1) * share]
-        combine = True
-    else:
-        combine = False
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, dtype):
-            loss = model(x, targets=y)
-        n = (y != IGNORE_INDEX).sum()
-        sums += torch.stack([loss.double() * n, n.double()])
-    model.train(was_training)
-    if combine:
-        sums = distributed.total(sums, info)
-    loss_sum, count = sums.tolist()
-    return loss_sum / max(count, 1.0), int(count)
 
 
 class CompileFallback:
@@ -244,11 +194,12 @@ def run_loop(
     torch.manual_seed(cfg.seed + info.rank)  # ranks draw different dropout masks
     state = load_train_state(run_dir) if cfg.resume else None
     if state is not None:
+        check_same_optimizer(cfg, state, run_dir)
         adjust_accumulation(cfg, state, info, progress)
     wrapped = distributed.wrap(model, info, device, cfg.fsdp, dtype)
     optimizer = make_optimizer(model, cfg, device)  # after sharding: it holds the shards
     if state is not None:
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer.parts, state["optimizer"])
         train_batches.load_state_dict(state["data"])
         if state.get("world_size", 1) == info.world_size == 1:
             set_rng_state(state["rng"])
@@ -260,8 +211,7 @@ def run_loop(
 
         train_batches = Prefetcher(train_batches)
     forward: Callable[..., torch.Tensor] = CompileFallback(wrapped) if cfg.compile else wrapped
-    metrics = RunLog(run_dir, step if cfg.resume else None, tensorboard=cfg.tensorboard,
-                     wandb=cfg.wandb, config=dataclasses.asdict(cfg)) if main else None
+    metrics = RunLog(run_dir, step if cfg.resume else None, log_sinks(cfg, run_dir)) if main else None
     if main:
         write_json(run_dir / TRAIN_CONFIG_NAME, dataclasses.asdict(cfg))
         if info.enabled:
@@ -276,7 +226,7 @@ def run_loop(
     def save(reason: str) -> None:
         # gathering sharded state is a collective: every rank takes part, rank 0 writes
         weights = distributed.full_model_state(model, cfg.fsdp) if cfg.fsdp else None
-        optim_state = distributed.full_optimizer_state(model, optimizer, cfg.fsdp)
+        optim_state = distributed.full_optimizer_state(model, optimizer.parts, cfg.fsdp)
         if main:
             to_save = prepare_model(model) if prepare_model else model
             train_state = {"step": step, "tokens": tokens, "optimizer": optim_state,
@@ -297,7 +247,7 @@ def run_loop(
     def run_eval() -> float | None:
         if eval_batches is None:
             return None
-        val_loss, _ = evaluate(forward, eval_batches(), device, dtype, info)
+        val_loss, _ = lm_loss(forward, eval_batches(), device, dtype, info)
         log({"step": step, "tokens": tokens, "val_loss": val_loss,
              "val_perplexity": math.exp(min(val_loss, 50.0))})
         return val_loss
@@ -316,28 +266,21 @@ def run_loop(
             bar.write(f"step 0: val loss {val_loss:.4f}")
         window_start, window_tokens = time.perf_counter(), 0
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = apply_schedule(optimizer, step, cfg)
             loss_sum = torch.zeros((), device=device)
             step_tokens = 0
             for micro in range(cfg.grad_accum):
-                x, y = train_batches.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y, extra = batch_on(train_batches.next_batch(), device, non_blocking=True)
                 with distributed.no_sync(wrapped, sync=micro == cfg.grad_accum - 1):
                     with autocast(device, dtype):
-                        loss = forward(x, targets=y) / cfg.grad_accum
+                        loss = forward(x, targets=y, **extra) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.detach()
                 step_tokens += x.numel() * info.world_size
             # the norm is needed anyway to clip; inf max_norm measures without clipping
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             bad = non_finite(loss_sum, norm)
-            if optimizer.param_groups[0].get("fused"):
-                optimizer.found_inf = bad.float()  # the fused kernel skips the update itself
-                optimizer.step()
-            elif not bad.item():
-                optimizer.step()
+            optimizer.step(skip=bad)
             optimizer.zero_grad(set_to_none=True)
             bad_streak = (bad_streak + 1) * bad
             if device.type == "cpu" or step % cfg.log_interval == 0:  # free on CPU, rare on GPUs
@@ -380,6 +323,17 @@ def run_loop(
                       seconds=time.perf_counter() - start, losses=losses)
 
 
+def log_sinks(cfg: TrainConfig, run_dir: Path) -> list[Sink]:
+    """Where the run's numbers go besides metrics.jsonl: the live loss plot, and the
+    integrations the user asked for (each refuses in one sentence when its package is missing)."""
+    sinks: list[Sink] = []
+    if cfg.tensorboard:
+        sinks.append(TensorBoardSink(run_dir))
+    if cfg.wandb:
+        sinks.append(WandbSink(run_dir, dataclasses.asdict(cfg)))
+    return [*sinks, LivePlot(run_dir)]
+
+
 def non_finite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool tensor, True when the loss or a gradient is NaN or infinite."""
     if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -397,6 +351,15 @@ def check_bad_steps(streak: torch.Tensor, bad: torch.Tensor, step: int, cfg: Tra
         raise GptkitError(f"Training stopped: {int(streak)} consecutive steps had a NaN or infinite "
                           f"loss or gradient (lower --lr or check the data); the last good checkpoint "
                           f"in {cfg.out} is kept.")
+
+
+def check_same_optimizer(cfg: TrainConfig, state: dict[str, Any], run_dir: Path) -> None:
+    """A run resumes with the optimizer it was started with (its saved state is that one's)."""
+    saved = json.loads(state.get("config", "{}")).get("optimizer", "adamw")
+    if saved != cfg.optimizer:
+        raise GptkitError(f"{run_dir} was trained with --optimizer {saved}; resume it with "
+                          f"--optimizer {saved} (its saved optimizer state is {saved}'s), or start "
+                          f"a new run with --optimizer {cfg.optimizer} in another --out.")
 
 
 def should_stop(local: bool, info: distributed.DistInfo) -> bool:
@@ -426,11 +389,14 @@ def adjust_accumulation(cfg: TrainConfig, state: dict[str, Any], info: distribut
 # -- pretraining ------------------------------------------------------------------------
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
-    """A fresh model from the preset and flags, or the weights of `--init-from`."""
-    overrides = {name: getattr(cfg, name) for name in ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+    """A fresh model from the preset, `--arch` and the shape flags, or the weights of `--init-from`."""
+    overrides = {name: getattr(cfg, name) for name in ("arch", "n_kv_head", "n_layer", "n_head", "n_embd",
+                                                       "block_size", "dropout")
                  if getattr(cfg, name) is not None}
     if cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)
+        if overrides.get("arch") == model.config.arch:
+            del overrides["arch"]
         if vocab_size > model.config.vocab_size:
             raise GptkitError(f"The tokenizer's vocabulary ({vocab_size}) does not fit the model in "
                               f"{cfg.init_from} (vocab_size {model.config.vocab_size}).")

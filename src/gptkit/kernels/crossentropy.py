@@ -25,28 +25,41 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                         targets: torch.Tensor) -> torch.Tensor:
+                         targets: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`, skipping IGNORE_INDEX.
 
     hidden (..., C), weight (V, C), targets (...). Equals
     `cross_entropy(F.linear(hidden, weight), targets)`, also under autocast, where the
     matmuls run in the autocast dtype and the loss is summed in fp32. With gradients
     enabled the forward also forms d(loss)/d(logits), so that the backward is two matmuls.
+    A nonzero `softcap` first maps the logits z to softcap * tanh(z / softcap).
     """
     hidden, targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, softcap)
     with torch.autocast(device, enabled=False):
         logits = _vocabulary_major_logits(hidden.to(dtype), weight.to(dtype))
+        _soft_cap(logits, softcap)
         return _exp_and_loss(logits, targets)[0]
+
+
+def _soft_cap(logits: torch.Tensor, softcap: float) -> torch.Tensor | None:
+    """Cap `logits` in place to softcap * tanh(logits / softcap); returns the slope of that
+    map at each logit, 1 - tanh^2 (None when softcap is 0: no cap)."""
+    if not softcap:
+        return None
+    logits.div_(softcap).tanh_()
+    slope = 1 - logits.square()
+    logits.mul_(softcap)
+    return slope
 
 
 def _vocabulary_major_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Logits as (V, N), each column one token. On CPU, MKL computes fp32 logits faster
-    as weight @ hidden^T (419 vs 545 ms for `small`'s head at batch 8 x 256) and bf16 ones
-    faster as hidden @ weight^T (209 vs 270 ms), which is then viewed transposed."""
+    as weight @ hidden^T and bf16 ones faster as hidden @ weight^T, which is then viewed
+    transposed (docs/performance.md has the timings)."""
     if weight.dtype == torch.float32 and weight.device.type == "cpu":
         return weight @ hidden.t()
     return (hidden @ weight.t()).t()
@@ -76,15 +89,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, softcap: float = 0.0) -> torch.Tensor:
         device = hidden.device.type
         with torch.autocast(device, enabled=False):
             hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
             logits = _vocabulary_major_logits(hidden_c, weight_c)
+            slope = _soft_cap(logits, softcap)
             loss, total, weights, picked = _exp_and_loss(logits, targets)
             # softmax - one_hot(target): the gradient of each column's loss
             logits.div_(total.to(logits.dtype))
             logits[picked, torch.arange(targets.numel(), device=hidden.device)] -= 1
+            if slope is not None:  # through the cap: d/dz = d/d(capped) * (1 - tanh^2)
+                logits.mul_(slope)
         ctx.save_for_backward(hidden_c, weight_c, logits, weights)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss
@@ -100,4 +116,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_logits @ (hidden_c.float() * scale).to(hidden_c.dtype))
             grad_weight = grad_weight.to(weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None

@@ -2,9 +2,8 @@
 
 A decode step reads every weight once. With the default 4 KiB pages that is one page
 table walk per 4 KiB, and inside a virtual machine each walk goes through two levels of
-tables: on our 2-core VM a compiled pass over `small`'s 77 MB LM head took 3.1-3.5 ms in
-4 KiB pages and 2.1-2.7 ms in 2 MiB pages, about as fast as a `sum()` over the same
-bytes. Linux backs memory with 2 MiB pages ("transparent huge pages") where a program
+tables, which makes streaming a large weight measurably slower than in 2 MiB pages
+(docs/performance.md). Linux backs memory with 2 MiB pages ("transparent huge pages") where a program
 asks for them with `madvise`, which torch's allocator does not do by default. So
 inference moves a model's tensors into one block of memory that asks for them.
 """

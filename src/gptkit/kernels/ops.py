@@ -22,11 +22,12 @@ GELU_TWO_Z = 2 * math.sqrt(2 / math.pi)  # tanh(z) = 2 sigmoid(2z) - 1
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
               is_causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(hs)) V for q (B, nh, T, hs) over k, v (B, nh, S, hs).
+    """softmax(Q K^T / sqrt(hs)) V for q (B, nh, T, hs) over k, v (B, nkv, S, hs).
 
     Either `is_causal` (S == T, training and scoring), or `attn_mask` (B or 1, 1, T, S):
     the key slots each query may see (True = attend), as generation over a KV cache
-    builds it.
+    builds it. With fewer key/value heads than query heads (grouped-query attention,
+    nh = g * nkv), key/value head j serves query heads j*g .. j*g + g-1.
     """
     if torch.compiler.is_compiling() and q.device.type == "cpu" and dropout_p == 0.0:
         if is_causal and q.size(-2) <= COMPILED_MATH_ATTENTION_MAX_T:
@@ -36,7 +37,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
             # where SDPA stays a separate call with a fixed cost
             return masked_attention(q, k, v, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal)
+                                          is_causal=is_causal, enable_gqa=k.size(1) != q.size(1))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -51,9 +52,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      attn_mask: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(hs)) V over the key slots where the bool `attn_mask` is True,
-    written out for the compiler: q (B, nh, T, hs), k and v (B, nh, S, hs)."""
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-    return torch.where(attn_mask, scores, float("-inf")).softmax(-1) @ v
+    written out for the compiler: q (B, nh, T, hs), k and v (B, nkv, S, hs)."""
+    B, nh, T, hs = q.shape
+    nkv = k.size(1)
+    if nkv != nh:  # grouped: each key/value head against its g query heads, never copied
+        q, k, v = q.view(B, nkv, nh // nkv, T, hs), k.unsqueeze(2), v.unsqueeze(2)
+        attn_mask = attn_mask if attn_mask.dim() < 3 else attn_mask.unsqueeze(2)  # (B, 1, 1, T, S)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+    y = torch.where(attn_mask, scores, float("-inf")).softmax(-1) @ v
+    return y.view(B, nh, T, hs)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

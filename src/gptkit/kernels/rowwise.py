@@ -59,11 +59,10 @@ def tiled_matmul(flat: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
 
     Under `torch.compile` on CPU, for a decode step's few rows, each tile becomes one
     contiguous read that multiplies every input by a vector of 16 weights and adds into a
-    vector of 16 sums: no horizontal sums, and `small`'s LM head alone streams 5-25%
-    faster than as `rowwise_matmul`. Otherwise it is a batched GEMM over the tiles, which
-    up to a few hundred rows is also faster than MKL over the plain layout (for `small`'s
-    head: 2-3 vs 3-4 ms at 1 row, 5 vs 11 ms at 8, 99 vs 106 ms at 256); more rows (every
-    logit of a long prompt) untile the weight into one GEMM (1024 rows: 305 vs 405 ms).
+    vector of 16 sums: no horizontal sums, so a large LM head streams faster than as
+    `rowwise_matmul`. Otherwise it is a batched GEMM over the tiles, which up to a few
+    hundred rows is also faster than MKL over the plain layout; more rows (every logit of
+    a long prompt) untile the weight into one GEMM (docs/performance.md has the timings).
     """
     if fuses_rows(flat):
         return torch.stack([(row[None, :, None] * tiles).sum(1).flatten()

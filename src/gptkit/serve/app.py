@@ -36,6 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from gptkit.config import closest
+from gptkit.conversation import ChatFormat, chat_format, stop_token_ids
 from gptkit.errors import GptkitError
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-BASE_CHAT_STOP = "\nUser:"  # a base model would go on to write the user's next turn
 
 
 @dataclass(frozen=True)
@@ -222,31 +222,38 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     return role, content
 
 
-def render_chat(messages: list[tuple[str, str]], spec: TaskSpec | None) -> tuple[str, list[str]]:
+def render_chat(messages: list[tuple[str, str]], spec: TaskSpec | None, fmt: ChatFormat
+                ) -> tuple[str, list[str]]:
     """The prompt for a conversation, and stop strings that end the assistant's turn.
 
-    A model fine-tuned for a task formats each user turn with its task template (the
-    text fills the task's main field) and each assistant turn as a target; a base model
-    gets a plain "User: / Assistant:" transcript and stops before the next "User:".
+    A chat model renders it with its chat template (`gptkit.conversation`): the prompt
+    transformers' `apply_chat_template(..., add_generation_prompt=True)` makes, its answer
+    ended by the end-of-turn token. A model fine-tuned for a task formats each user turn
+    with its task template (the text fills the task's main field) and each assistant turn
+    as a target; a base model gets a plain "User: / Assistant:" transcript and stops
+    before the next "User:". The last message must come from the user in every case.
     """
-    system = "\n\n".join(text for role, text in messages if role in ("system", "developer"))
-    turns = [(role, text) for role, text in messages if role in ("user", "assistant")]
-    if spec is None:
-        lines = [f"{'User' if role == 'user' else 'Assistant'}: {text}" for role, text in turns]
-        prompt = "\n".join([*([system, ""] if system else []), *lines, "Assistant:"])
-        return prompt, [BASE_CHAT_STOP]
+    if not messages or messages[-1][0] != "user":
+        raise ApiError(400, "The last chat message must come from the user (an answer to it is "
+                       f"what is asked for); got one from the {messages[-1][0]}.",
+                       param=f"messages[{len(messages) - 1}].role")
+    if not fmt.plain or spec is None:
+        conversation = [{"role": "system" if role == "developer" else role, "content": text}
+                        for role, text in messages]
+        try:
+            return fmt.render(conversation, add_generation_prompt=True)[0], fmt.stop
+        except GptkitError as exc:
+            raise ApiError(400, f"'messages': {exc}", param="messages") from None
     from gptkit.tasks import MAIN_PROMPT_FIELD
 
+    system = "\n\n".join(text for role, text in messages if role in ("system", "developer"))
     main = MAIN_PROMPT_FIELD[spec.task]
     parts = [system] if system else []
-    for role, text in turns:
+    for role, text in messages:
         if role == "user":
             parts.append(spec.format_prompt({main: text}))
-        elif parts:
+        elif role == "assistant" and parts:
             parts[-1] += spec.target_text(text)
-    if not turns or turns[-1][0] != "user":
-        raise ApiError(400, "The last chat message must come from the user for a model "
-                       f"fine-tuned for '{spec.task}'.", param="messages")
     return "\n\n".join(parts), []
 
 
@@ -262,6 +269,7 @@ class _Served:
     task: TaskSpec | None
     limits: Limits
     api_key: str | None
+    chat: ChatFormat  # the model's chat template, or the plain transcript
 
     @property
     def context(self) -> int:
@@ -367,22 +375,35 @@ def _sse(value: Any) -> str:
 
 
 def create_app(model: str | Path, *, device: str | None = "auto", api_key: str | None = None,
-               max_batch_size: int = 8, max_queue: int = 64, limits: Limits | None = None
+               max_batch_size: int = 8, max_queue: int = 64, limits: Limits | None = None,
+               dtype: str = "float32", quantize: str | None = None, compile: bool = False
                ) -> FastAPI:
-    """Load the model and build the app; the engine thread runs while the app is served."""
+    """Load the model and build the app; the engine thread runs while the app is served.
+
+    `dtype` other than float32, `quantize` or `compile` put the model into the fast decoding
+    layouts of `gptkit.inference.optimize_for_inference`, as `gptkit generate` does.
+    """
     from gptkit.checkpoint import resolve_model_dir
-    from gptkit.inference import load_for_inference
+    from gptkit.inference import load_directory
+    from gptkit.runtime import DTYPES
     from gptkit.serve.engine import Engine
     from gptkit.tasks import read_task_file
 
     limits = limits or Limits()
     if max_batch_size < 1 or max_queue < 0:
         raise GptkitError("--max-batch-size must be at least 1 and --max-queue at least 0.")
+    if dtype not in ("float32", "bfloat16"):
+        raise GptkitError(f"--dtype '{dtype}' is not served; expected float32 or bfloat16.")
     directory = resolve_model_dir(model)
-    gpt, tokenizer = load_for_inference(directory, device)
-    served = _Served(Engine(gpt, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue),
+    gpt, tokenizer = load_directory(directory, device, DTYPES[dtype],
+                                    fast=dtype != "float32" or quantize is not None or compile,
+                                    quantize=quantize, compile=compile)
+    # a chat model's answer ends at its end-of-turn token (and at end-of-text)
+    eos = stop_token_ids(tokenizer) if tokenizer.chat_template is not None else None
+    served = _Served(Engine(gpt, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                            eos_token_id=eos),
                      tokenizer, Path(str(model).rstrip("/")).name or directory.name,
-                     read_task_file(directory), limits, api_key or None)
+                     read_task_file(directory), limits, api_key or None, chat_format(tokenizer))
     page = (resources.files("gptkit.serve") / "playground.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -395,6 +416,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
 
     app = FastAPI(title="gptkit", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.state.engine = served.engine
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -416,9 +438,12 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
         return page
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served.name, "auth": served.api_key is not None,
-                **served.engine.stats()}
+    async def health() -> Response:
+        engine = served.engine
+        status = "ok" if engine.alive else "engine stopped"
+        return JSONResponse({"status": status, "model": served.name,
+                             "auth": served.api_key is not None, **engine.stats()},
+                            status_code=200 if engine.alive else 503)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -428,7 +453,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
                                 "optional": list(served.task.optional)}
         return {"object": "list", "data": [{
             "id": served.name, "object": "model", "created": 0, "owned_by": "gptkit",
-            "context_length": served.context, "task": task}]}
+            "context_length": served.context, "task": task, "chat": not served.chat.plain}]}
 
     @app.post("/v1/task/prompt")
     async def task_prompt(request: Request) -> dict[str, str]:
@@ -486,7 +511,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
         if not isinstance(messages, list) or not 0 < len(messages) <= limits.max_messages:
             raise _bad("messages", f"a list of 1 to {limits.max_messages} messages", messages)
         turns = [_message_text(m, i) for i, m in enumerate(messages)]
-        text, settings.extra_stop = render_chat(turns, served.task)
+        text, settings.extra_stop = render_chat(turns, served.task, served.chat)
         prompts = await run_in_threadpool(_encode_prompts, text, served, "messages")
         job = _Job(served, prompts, settings, request)
         return await _respond(job, settings, _ChatShape(served.name, settings.n))
@@ -499,7 +524,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
         completion_tokens = 0
         async for index, event in job.events():
             if event.error:
-                raise ApiError(503, f"Generation failed: {event.error}.")
+                raise ApiError(event.status, f"Generation failed: {event.error}.")
             shape.add(index, event)
             completion_tokens += event.completion_tokens
         return JSONResponse({**shape.whole(), "usage": _usage(job.prompt_tokens,
@@ -511,7 +536,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
             yield _sse(first)
         async for index, event in job.events():
             if event.error:
-                yield _sse(ApiError(503, f"Generation failed: {event.error}.").body())
+                yield _sse(ApiError(event.status, f"Generation failed: {event.error}.").body())
                 return
             completion_tokens += event.completion_tokens
             if event.text or event.logprobs or event.finish_reason:
@@ -704,7 +729,8 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
-          device: str | None = "auto") -> None:
+          device: str | None = "auto", dtype: str = "float32", quantize: str | None = None,
+          compile: bool = False) -> None:
     """Serve `model` until Ctrl-C or SIGTERM (uvicorn finishes open responses, then exits)."""
     import uvicorn
 
@@ -712,10 +738,20 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     if warning:
         print(warning, file=sys.stderr, flush=True)
     app = create_app(model, device=device, api_key=api_key, max_batch_size=max_batch_size,
-                     max_queue=max_queue)
+                     max_queue=max_queue, dtype=dtype, quantize=quantize, compile=compile)
     shown = f"[{host}]" if ":" in host else host
     print(f"gptkit serve: http://{shown}:{port}/ (playground) and http://{shown}:{port}/v1 "
           "(OpenAI API); Ctrl-C to stop", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    engine: Engine = app.state.engine
+
+    def stop_serving() -> None:  # the engine cannot recover: stop taking requests, exit non-zero
+        server.should_exit = True
+
+    engine.on_fatal = stop_serving
     # uvicorn re-raises SIGTERM after its graceful shutdown; a requested stop exits with 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    server.run()
+    if engine.fatal is not None:
+        raise GptkitError(f"the generation engine stopped ({type(engine.fatal).__name__}: "
+                          f"{engine.fatal}); the server has shut down.")

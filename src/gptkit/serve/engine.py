@@ -33,13 +33,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gptkit.generate import Sampling, TextCodec, TextStream, decode_step, sample_next
+from gptkit.generate import (
+    Sampling,
+    TextCodec,
+    TextStream,
+    decode_step,
+    sample_next,
+    usable_logits,
+)
 
 if TYPE_CHECKING:
     from gptkit.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
 
+# Attention reads the cache in blocks of this many slots: enough to cover every row's
+# position, few enough distinct shapes that views and compiled steps are reused.
+SLOT_BLOCK = 64
 # Finish reasons, as OpenAI names them.
 STOP, LENGTH = "stop", "length"
 
@@ -63,7 +73,7 @@ class Event:
 
     `text` is new printable text (possibly empty while a character or a possible stop
     string is incomplete). The last event has `finish_reason` ("stop", "length") or
-    `error`, and `completion_tokens`, the number of tokens generated.
+    `error` (with its HTTP `status`), and `completion_tokens`, the number of tokens generated.
     """
 
     text: str = ""
@@ -71,6 +81,7 @@ class Event:
     finish_reason: str | None = None
     error: str | None = None
     completion_tokens: int = 0
+    status: int = 500  # with `error`: 500 when generating failed, 503 when shutting down
 
 
 @dataclass(eq=False)
@@ -134,7 +145,7 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: TextCodec, *, max_batch_size: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 256,
-                 eos_token_id: int | None = None) -> None:
+                 eos_token_id: int | Sequence[int] | None = None) -> None:
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
         self.model = model.eval()
@@ -146,13 +157,16 @@ class Engine:
         eos = eos_token_id if eos_token_id is not None else model.config.eos_token_id
         if eos is None:
             eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos = {eos} if eos is not None else set()
+        # several ids end a sequence where a chat model has an end-of-turn token as well
+        self.eos = set(eos) if isinstance(eos, Sequence) else ({eos} if eos is not None else set())
         self.device = model.device
         self._rows: list[_Row | None] = [None] * max_batch_size
         self._queue: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.fatal: BaseException | None = None  # what stopped the scheduler, if anything did
+        self.on_fatal: Callable[[], None] | None = None  # told when the scheduler stops for good
         self.completed = 0
         self.cancelled = 0
         self.decode_steps = 0
@@ -163,7 +177,7 @@ class Engine:
                                       device=self.device).tril()
             self._slots = torch.arange(self.context, device=self.device)
         self._full_caches = model.kv_caches
-        self._views: dict[tuple[int, int], list[KVCache]] = {}
+        self._views: dict[tuple[int, int, int], list[KVCache]] = {}
 
     # -- the public, thread-safe side ------------------------------------------------
 
@@ -182,19 +196,24 @@ class Engine:
             self._thread.join()
             self._thread = None
         for request in [*self._queue, *(row.request for row in self._rows if row)]:
-            _send(request, Event(error="the server is shutting down"))
+            _send(request, Event(error="the server is shutting down", status=503))
         self._queue.clear()
         self._rows = [None] * self.max_batch_size
 
     def submit(self, requests: Sequence[GenerationRequest]) -> None:
         """Queue requests together (all or none); raise `QueueFull` when they do not fit."""
         with self._cond:
-            if self._stopping:
+            if self._stopping or self.fatal is not None:
                 raise QueueFull("the engine is shutting down")
             if len(self._queue) + len(requests) > self.max_queue + self._free_rows():
                 raise QueueFull(f"{len(self._queue)} requests are already waiting")
             self._queue.extend(requests)
             self._cond.notify()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler thread is running and can take requests."""
+        return self._thread is not None and self._thread.is_alive() and self.fatal is None
 
     def stats(self) -> dict[str, int]:
         """Rows in use, requests waiting, requests completed or cancelled, decode steps run."""
@@ -211,21 +230,36 @@ class Engine:
     # -- the scheduler thread --------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self._queue and not any(self._rows):
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                self._admit()
-            try:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._queue and not any(self._rows):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    self._admit()
                 with torch.inference_mode():
                     self._step()
-            except Exception as exc:  # a bug or out of memory: fail this batch, keep serving
-                log.exception("generation step failed")
-                for index, row in enumerate(self._rows):
-                    if row is not None:
-                        self._finish(index, Event(error=f"generation failed: {exc}"))
+        except BaseException as exc:  # the scheduler itself broke: nothing more can be served
+            log.exception("the generation engine stopped")
+            self.fatal = exc
+            for index, row in enumerate(self._rows):
+                if row is not None:
+                    self._fail(index, exc)
+            for request in self._queue:
+                _send(request, Event(error=f"the generation engine stopped: {exc}"))
+            self._queue.clear()
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    def _fail(self, index: int, exc: BaseException) -> None:
+        """End one row's request with an error; the other rows go on."""
+        row = self._rows[index]
+        if row is None:  # it had already finished
+            return
+        log.error("request in row %d failed: %s", index, exc, exc_info=exc)
+        self._finish(index, Event(error=f"generation failed: {type(exc).__name__}: {exc}",
+                                  completion_tokens=row.count))
 
     def _admit(self) -> None:
         """Free the rows of cancelled requests and move queued requests into free rows."""
@@ -245,17 +279,25 @@ class Engine:
         budget = self.prefill_chunk
         for index, row in enumerate(self._rows):
             if row is not None and not row.decoding and budget > 0:
-                budget -= self._prefill(index, row, budget)
+                try:
+                    budget -= self._prefill(index, row, budget)
+                except Exception as exc:  # this prompt failed (a bug, out of memory): it alone
+                    self._fail(index, exc)
         live = [i for i, row in enumerate(self._rows) if row is not None and row.decoding]
         if live:
             self._decode(live[-1] + 1)
 
-    def _use_rows(self, start: int, stop: int) -> None:
-        """Point every layer at rows start..stop-1 of the cache (views share its memory)."""
-        views = self._views.get((start, stop))
+    def _use_rows(self, start: int, stop: int, needed: int) -> int:
+        """Point every layer at rows start..stop-1 of the cache, over the first `needed`
+        slots rounded up to a multiple of SLOT_BLOCK (views share the cache's memory), so
+        attention reads only slots some row has reached; returns that number of slots."""
+        slots = min(self.context, -(-needed // SLOT_BLOCK) * SLOT_BLOCK)
+        views = self._views.get((start, stop, slots))
         if views is None:
-            views = self._views[(start, stop)] = [full.rows(start, stop) for full in self._full_caches]
+            views = [full.rows(start, stop, slots) for full in self._full_caches]
+            self._views[(start, stop, slots)] = views
         self.model.kv_caches = views
+        return slots
 
     def _prefill(self, index: int, row: _Row, budget: int) -> int:
         """Put the next chunk of a joining prompt into its row; returns tokens used."""
@@ -264,14 +306,15 @@ class Engine:
         # Echo with logprobs scores every prompt token, so that prompt goes in one piece.
         stop = (len(request.prompt) if request.echo_logprobs
                 else min(len(request.prompt), start + budget))
-        self._use_rows(index, index + 1)
+        span = self._use_rows(index, index + 1, stop)
         slots = self._slots[start:stop]
         ids = torch.tensor([request.prompt[start:stop]], device=self.device)
         # The LM head (the largest matmul of a small model) runs for the last position
         # only, unless echo asks for every prompt token's log-probabilities.
-        logits = self.model(ids, position_ids=slots[None], input_pos=slots,
-                            attn_mask=self._causal[start:stop][None, None],
-                            last_only=not request.echo_logprobs)[0]  # (T or 1, V)
+        logits = usable_logits(self.model, self.model(
+            ids, position_ids=slots[None], input_pos=slots,
+            attn_mask=self._causal[start:stop, :span][None, None],
+            last_only=not request.echo_logprobs)[0])  # (T or 1, V)
         row.filled = stop
         if request.echo_logprobs:
             self._send_prompt_logprobs(row, logits)
@@ -293,14 +336,24 @@ class Engine:
             pos.append(row.pos if live else (row.filled if row else 0))
         tokens_t = torch.tensor(tokens, device=self.device)[:, None]
         pos_t = torch.tensor(pos, device=self.device)[:, None]
-        self._use_rows(0, rows)
-        logits = decode_step(self.model, tokens_t, pos_t, pos_t, self._causal[pos_t][:, None])
+        span = self._use_rows(0, rows, max(pos) + 1)
+        try:
+            logits = decode_step(self.model, tokens_t, pos_t, pos_t,
+                                 self._causal[pos_t, :span][:, None])
+        except Exception as exc:  # the shared forward failed: every row in it fails, alone
+            for index, row in enumerate(self._rows[:rows]):
+                if row is not None and row.decoding:
+                    self._fail(index, exc)
+            return
         self.decode_steps += 1
         greedy = logits.argmax(-1).tolist()
         for index, row in enumerate(self._rows[:rows]):
             if row is not None and row.decoding and not row.request.cancelled:
                 row.pos += 1
-                self._take(index, row, logits[index], greedy[index])
+                try:
+                    self._take(index, row, logits[index], greedy[index])
+                except Exception as exc:  # sampling or text of this row failed: it alone
+                    self._fail(index, exc)
 
     def _take(self, index: int, row: _Row, logits: torch.Tensor, greedy: int | None) -> None:
         """Sample the row's next token from its logits (V,), then send the text it adds."""

@@ -1,0 +1,276 @@
+"""Chat end to end on a synthetic task that needs memory: the user states a fact in turn 1,
+chats about something else, and asks for the fact in turn 3 or later. A tiny model tuned
+with `gptkit finetune --task chat` answers held-out conversations (`gptkit eval --task
+chat`), talks in `gptkit chat`, and `gptkit serve` gives the official `openai` client the
+same greedy answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from serve_helpers import live_server
+from serve_helpers import make_model_dir as make_random_model
+from tiny_models import write_jsonl
+
+from gptkit import GPT, GPTConfig, Tokenizer
+from gptkit.chat import ChatSession, chat_in_terminal
+from gptkit.cli import main
+from gptkit.conversation import add_chat_tokens, chat_format, prompt_ids, read_conversations
+
+FACTS = {"pet": ["cat", "dog", "fox", "owl", "bee", "yak", "emu", "ant", "bat", "cow", "eel", "hen"],
+         "color": ["red", "blue", "green", "pink", "gold", "gray", "teal", "navy", "lime", "plum"],
+         "city": ["rome", "oslo", "lima", "kyiv", "doha", "bern", "riga", "baku", "suva", "apia"]}
+WORDS = ["hi", "thanks", "sure", "maybe", "yes", "no", "later", "okay"]
+SYSTEM = "Remember what I tell you."
+TIMES: dict[str, float] = {}
+
+
+def memory_conversation(rng: random.Random) -> dict:
+    """A fact in turn 1, one or two turns of something else, then the question."""
+    key = rng.choice(list(FACTS))
+    value = rng.choice(FACTS[key])
+    messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.3 else []
+    messages += [{"role": "user", "content": f"my {key} is {value}"},
+                 {"role": "assistant", "content": "ok"}]
+    for _ in range(rng.randint(1, 2)):
+        if rng.random() < 0.5:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            messages += [{"role": "user", "content": f"{a} plus {b}?"},
+                         {"role": "assistant", "content": str(a + b)}]
+        else:
+            word = rng.choice(WORDS)
+            messages += [{"role": "user", "content": f"say {word}"},
+                         {"role": "assistant", "content": word}]
+    messages += [{"role": "user", "content": f"my {key}?"},
+                 {"role": "assistant", "content": value}]
+    return {"messages": messages}
+
+
+def memory_file(path: Path, n: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    return write_jsonl(path, [memory_conversation(rng) for _ in range(n)])
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A random 2-layer base with a small BPE, chat-tuned on 2,000 conversations (200 steps,
+    under a minute on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast and does not stall
+    root = tmp_path_factory.mktemp("memory")
+    train = memory_file(root / "train.jsonl", 2000, seed=0)
+    memory_file(root / "test.jsonl", 100, seed=1)
+    tokenizer = Tokenizer.train(texts=[train.read_text(), "system user assistant\n"],
+                                vocab_size=400)
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4, n_embd=64,
+                  eos_token_id=tokenizer.eos_token_id)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    start = time.perf_counter()
+    main(["finetune", "--model", str(root / "base"), "--task", "chat", "--data", str(train),
+          "--out", str(root / "chat"), "--max-steps", "200", "--batch-size", "32", "--lr", "8e-3",
+          "--min-lr", "4e-4", "--warmup-steps", "20", "--eval-interval", "0", "--save-interval",
+          "0", "--log-interval", "50", "--device", "cpu", "--seed", "1"])
+    TIMES["train"] = time.perf_counter() - start
+    yield root
+    torch.set_num_threads(threads)
+
+
+def test_tuned_model_remembers_base_does_not(tuned, capsys):
+    capsys.readouterr()
+    scores = {}
+    for name in ("chat", "base"):
+        main(["eval", "--model", str(tuned / name), "--task", "chat", "--data",
+              str(tuned / "test.jsonl"), "--device", "cpu", "--out", str(tuned / f"{name}.jsonl")])
+        scores[name] = json.loads(capsys.readouterr().out)
+    print(f"chat-tuned in {TIMES['train']:.0f}s: {scores}")
+    assert scores["chat"]["n"] == 100 and scores["chat"]["exact_match"] >= 0.9
+    assert scores["base"]["exact_match"] <= 0.05
+    assert scores["chat"]["loss"] < scores["base"]["loss"] / 5
+    first = json.loads((tuned / "chat.jsonl").read_text().splitlines()[0])
+    assert first["messages"][-1]["role"] == "user" and first["prediction"] == first["reference"]
+
+
+def test_terminal_chat_history_commands_and_save(tuned, tmp_path):
+    model, tokenizer = GPT.from_pretrained(tuned / "chat"), Tokenizer.from_pretrained(tuned / "chat")
+    lines = iter(["my pet is owl", "say thanks", "my pet?", "/save " + str(tmp_path / "c.jsonl"),
+                  "/reset", "my pet?", "/system " + SYSTEM, "my color is lime", "7 plus 1?",
+                  "my color?", "/save " + str(tmp_path / "c.jsonl"), "/help", "/nonsense",
+                  "/exit", "never read"])
+    out = _Output()
+
+    def read(prompt: str) -> str:
+        out.write(prompt)
+        return next(lines)
+
+    session = ChatSession(model, tokenizer, max_new_tokens=8)
+    chat_in_terminal(session, "chat", read=read, out=out)
+    text = out.getvalue()
+    assert "ok\n" in text and "thanks\n" in text and "owl\n" in text and "lime\n" in text
+    assert "(new conversation)" in text and "/save FILE" in text and "unknown command" in text
+    saved = read_conversations(tmp_path / "c.jsonl")
+    assert [m["content"] for m in saved[0].messages] == ["my pet is owl", "ok", "say thanks",
+                                                         "thanks", "my pet?", "owl"]
+    assert saved[1].messages[0] == {"role": "system", "content": SYSTEM}
+    assert saved[1].messages[-1] == {"role": "assistant", "content": "lime"}
+    assert next(lines) == "never read"
+
+
+class _Output:
+    """A text stream that keeps what is written (pieces arrive one by one)."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.pieces.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> str:
+        return "".join(self.pieces)
+
+
+def test_ctrl_c_stops_the_answer_not_the_conversation(tuned):
+    model, tokenizer = GPT.from_pretrained(tuned / "chat"), Tokenizer.from_pretrained(tuned / "chat")
+    session = ChatSession(model, tokenizer, max_new_tokens=8)
+
+    def interrupt(piece: str) -> None:
+        raise KeyboardInterrupt
+
+    answer, stopped = session.respond("my city is oslo", interrupt)
+    assert stopped and session.messages[-1] == {"role": "assistant", "content": answer}
+    session.respond("say hi", lambda piece: None)
+    answer, stopped = session.respond("my city?", lambda piece: None)
+    assert (answer, stopped) == ("oslo", False)
+
+
+def test_history_beyond_the_context_drops_oldest_turns_with_a_notice(tuned):
+    model, tokenizer = GPT.from_pretrained(tuned / "chat"), Tokenizer.from_pretrained(tuned / "chat")
+    notices: list[str] = []
+    session = ChatSession(model, tokenizer, max_new_tokens=16, system=SYSTEM,
+                          notice=notices.append)
+    for i in range(12):
+        session.respond(f"say {WORDS[i % len(WORDS)]}", lambda piece: None)
+    assert len(prompt_ids(tokenizer, session.format, session.messages)) <= 128
+    assert notices and "dropped its 2 oldest messages" in notices[0]
+    assert session.messages[0]["content"] == SYSTEM  # the system message stays
+    assert session.messages[-2] == {"role": "user", "content": f"say {WORDS[11 % len(WORDS)]}"}
+
+
+def test_model_without_template_talks_in_a_plain_transcript(tuned):
+    model, tokenizer = GPT.from_pretrained(tuned / "base"), Tokenizer.from_pretrained(tuned / "base")
+    notices: list[str] = []
+    session = ChatSession(model, tokenizer, max_new_tokens=5, notice=notices.append)
+    lines = iter(["hello", "again"])
+
+    def read(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError  # Ctrl-D
+        return line
+
+    chat_in_terminal(session, "base", read=read, out=_Output())
+    assert session.plain and len(notices) == 1 and "plain" in notices[0]
+    assert tokenizer.decode(prompt_ids(tokenizer, session.format, session.messages[:-1])).startswith(
+        "User: hello\nAssistant:")
+
+
+def test_openai_client_matches_terminal_chat_and_python_api(tuned):
+    """Plain, streamed, multi-turn and n>1 calls of the official client against a live
+    `gptkit serve` give the greedy answers `ChatSession` (what `gptkit chat` runs) gives."""
+    from openai import OpenAI
+
+    model, tokenizer = GPT.from_pretrained(tuned / "chat"), Tokenizer.from_pretrained(tuned / "chat")
+    conversations = [c.messages for c in read_conversations(tuned / "test.jsonl", limit=4)]
+    with live_server(tuned / "chat") as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+        for messages in conversations:
+            asked = messages[:-1]
+            session = ChatSession(model, tokenizer, max_new_tokens=16)
+            session.messages = asked[:-1]
+            expected, _ = session.respond(asked[-1]["content"], lambda piece: None)
+            assert expected == messages[-1]["content"]
+            whole = client.chat.completions.create(model="chat", messages=asked, max_tokens=16,
+                                                   temperature=0)
+            assert whole.choices[0].message.content == expected
+            assert whole.choices[0].finish_reason == "stop"  # at <|im_end|>, not the limit
+            assert whole.usage.prompt_tokens == len(prompt_ids(tokenizer, chat_format(tokenizer),
+                                                               asked))
+            streamed = client.chat.completions.create(model="chat", messages=asked,
+                                                      max_tokens=16, temperature=0, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+        several = client.chat.completions.create(model="chat", messages=conversations[0][:-1],
+                                                 max_tokens=16, temperature=0, n=3)
+        assert [c.message.content for c in several.choices] == [conversations[0][-1]["content"]] * 3
+        plain = client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "my pet is yak"}], max_tokens=16,
+            temperature=0)
+        session = ChatSession(model, tokenizer, max_new_tokens=16)
+        assert plain.choices[0].message.content == session.respond("my pet is yak",
+                                                                   lambda piece: None)[0] == "ok"
+
+
+def test_chat_command_survives_ctrl_c_during_an_answer(tmp_path):
+    """The real `gptkit chat` process: Ctrl-C during a long answer stops it; the next
+    message is answered; Ctrl-D ends the chat with status 0."""
+    directory = make_random_model(tmp_path / "random", block_size=512)
+    tokenizer = Tokenizer.from_pretrained(directory)
+    add_chat_tokens(tokenizer)
+    model = GPT.from_pretrained(directory)
+    from gptkit.vocab import grow_vocab
+
+    grow_vocab(model, tokenizer.vocab_size, range(model.config.vocab_size, tokenizer.vocab_size))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gptkit", "chat", "--model", str(directory), "--greedy",
+         "--max-new-tokens", "150", "--device", "cpu"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    received: list[str] = []
+
+    def read_output() -> None:
+        while character := process.stdout.read(1):
+            received.append(character)
+
+    threading.Thread(target=read_output, daemon=True).start()
+
+    def wait_for(condition, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition("".join(received)):
+                return "".join(received)
+            time.sleep(0.01)
+        process.kill()
+        raise AssertionError(f"timed out; output so far: {''.join(received)!r}, "
+                             f"{process.stderr.read()!r}")
+
+    try:
+        wait_for(lambda text: text.endswith("\n> "))
+        process.stdin.write("hello\n")
+        process.stdin.flush()
+        wait_for(lambda text: len(text.split("\n> ", 1)[1]) > 5)
+        process.send_signal(signal.SIGINT)
+        wait_for(lambda text: "[stopped]" in text and text.endswith("\n> "))
+        answer = "".join(received).split("\n> ", 1)[1].split(" [stopped]")[0]
+        assert 5 < len(answer) < 150
+        process.stdin.write("again\n")
+        process.stdin.flush()
+        wait_for(lambda text: text.count("\n> ") >= 3, timeout=120)
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
