@@ -83,28 +83,17 @@ class Conversation:
 def read_conversations(path: str | Path, *, limit: int | None = None,
                        require_assistant: bool = True) -> list[Conversation]:
     """Every conversation of a JSONL file, checked: one clear error naming line and field."""
-    from gptkit.tokenizer import decode_utf8
+    from gptkit.data import jsonl_records
 
     path = Path(path)
     if not path.is_file():
         raise GptkitError(f"{path} does not exist or is not a file; expected a JSONL file of "
                           "conversations.")
     conversations = []
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            line, bad = decode_utf8(raw)
-            where = f"{path} line {n}"
-            if bad:
-                raise GptkitError(f"{where} is not valid UTF-8 ({bad} bad bytes).")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GptkitError(f"{where} is not valid JSON ({exc.msg}).") from None
-            conversations.append(parse_conversation(record, where, require_assistant))
-            if limit is not None and len(conversations) >= limit:
-                break
+    for where, record in jsonl_records(path):
+        conversations.append(parse_conversation(record, where, require_assistant))
+        if limit is not None and len(conversations) >= limit:
+            break
     if not conversations:
         raise GptkitError(f"{path} holds no conversations; expected one JSON object per line.")
     return conversations

@@ -133,6 +133,23 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, int, bool]]:
         )
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for each non-blank line of a JSONL file, `where` naming the file and
+    line for error messages; invalid UTF-8 or JSON is one sentence naming the line."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            line, bad = decode_utf8(raw)
+            where = f"{path} line {n}"
+            if bad:
+                raise GptkitError(f"{where} is not valid UTF-8 ({bad} bad bytes).")
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GptkitError(f"{where} is not valid JSON ({exc.msg}).") from None
+
+
 def corpus_texts(inputs: Sequence[str | Path], field: str = "text") -> Iterator[str]:
     """The corpus as `prepare` reads it, for `Tokenizer.train(texts=...)`."""
     for text, _, _ in iter_documents(find_corpus_files(inputs), field):

@@ -23,12 +23,13 @@ import dataclasses
 import json
 import string
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptkit.config import closest
+from gptkit.data import jsonl_records
 from gptkit.errors import GptkitError, read_json
 
 if TYPE_CHECKING:
@@ -209,30 +210,13 @@ def read_examples(path: str | Path, spec: TaskSpec, *, limit: int | None = None,
     if not path.is_file():
         raise GptkitError(f"{path} does not exist or is not a file; expected a JSONL file.")
     examples = []
-    for where, record in _records(path):
+    for where, record in jsonl_records(path):
         examples.append(parse_record(record, spec, where, require_target))
         if limit is not None and len(examples) >= limit:
             break
     if not examples:
         raise GptkitError(f"{path} holds no records; expected one JSON object per line.")
     return examples
-
-
-def _records(path: Path) -> Iterator[tuple[str, Any]]:
-    from gptkit.tokenizer import decode_utf8
-
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            line, bad = decode_utf8(raw)
-            where = f"{path} line {n}"
-            if bad:
-                raise GptkitError(f"{where} is not valid UTF-8 ({bad} bad bytes).")
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GptkitError(f"{where} is not valid JSON ({exc.msg}).") from None
 
 
 def parse_record(record: Any, spec: TaskSpec, where: str, require_target: bool = True) -> Example:
