@@ -12,7 +12,14 @@ from tiny_models import make_model_dir, write_jsonl
 
 from gptkit import GPT, GPTConfig, GptkitError
 from gptkit.config import TrainConfig
-from gptkit.optim import Muon, apply_schedule, lr_at, make_optimizer, orthogonalize, split_parameters
+from gptkit.optim import (
+    Muon,
+    apply_schedule,
+    lr_at,
+    make_optimizer,
+    orthogonalize,
+    split_parameters,
+)
 from gptkit.train import train
 
 TINY = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
