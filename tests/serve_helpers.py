@@ -91,3 +91,23 @@ def live_server(model_dir: Path, **options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def request(tokenizer, prompt: str, max_new: int, **kwargs):
+    """An engine request for `prompt` whose events land in the returned queue."""
+    import queue
+
+    from gptkit.serve.engine import GenerationRequest
+
+    inbox: queue.Queue = queue.Queue()
+    return GenerationRequest(tokenizer.encode(prompt), max_new, inbox.put, **kwargs), inbox
+
+
+def collect(inbox) -> tuple[str, str | None, int]:
+    """A request's whole text, how it ended (finish reason or error) and its token count."""
+    text = ""
+    while True:
+        event = inbox.get(timeout=60)
+        text += event.text
+        if event.finish_reason or event.error:
+            return text, event.finish_reason or event.error, event.completion_tokens

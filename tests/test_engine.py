@@ -3,10 +3,8 @@ prefill, per-request sampling and seeds, eos, queue limits, cancellation."""
 
 from __future__ import annotations
 
-import queue
-
 import pytest
-from serve_helpers import TEXT, make_model_dir, offline
+from serve_helpers import TEXT, collect, make_model_dir, offline, request
 
 from gptkit.generate import generate
 from gptkit.inference import load_for_inference
@@ -21,20 +19,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def loaded(model_dir):
     return load_for_inference(model_dir, "cpu")  # a fresh copy: an engine owns its model
-
-
-def request(tokenizer, prompt, max_new, **kwargs):
-    inbox: queue.Queue = queue.Queue()
-    return GenerationRequest(tokenizer.encode(prompt), max_new, inbox.put, **kwargs), inbox
-
-
-def collect(inbox) -> tuple[str, str | None, int]:
-    text = ""
-    while True:
-        event = inbox.get(timeout=60)
-        text += event.text
-        if event.finish_reason or event.error:
-            return text, event.finish_reason or event.error, event.completion_tokens
 
 
 def test_rows_join_and_leave_and_match_offline_greedy(loaded, model_dir):

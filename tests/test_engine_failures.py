@@ -3,16 +3,14 @@ tokenizer cannot decode (a vocabulary padded beyond it) are never generated."""
 
 from __future__ import annotations
 
-import queue
-
 import pytest
 import torch
-from serve_helpers import TEXT, make_model_dir, offline
+from serve_helpers import TEXT, collect, make_model_dir, offline, request
 
 from gptkit import GPT, GPTConfig, Tokenizer
 from gptkit.generate import TextStream, generate, stream_generate
 from gptkit.inference import load_for_inference
-from gptkit.serve.engine import Engine, GenerationRequest
+from gptkit.serve.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -20,25 +18,11 @@ def model_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("failures") / "tiny", block_size=128)
 
 
-def request(tokenizer, prompt, max_new):
-    inbox: queue.Queue = queue.Queue()
-    return GenerationRequest(tokenizer.encode(prompt), max_new, inbox.put, temperature=0), inbox
-
-
-def collect(inbox) -> tuple[str, str | None]:
-    text = ""
-    while True:
-        event = inbox.get(timeout=60)
-        text += event.text
-        if event.finish_reason or event.error:
-            return text, event.finish_reason or event.error
-
-
 def test_a_row_that_fails_mid_batch_fails_alone(model_dir, monkeypatch):
     model, tokenizer = load_for_inference(model_dir, "cpu")
     engine = Engine(model, tokenizer, max_batch_size=4, prefill_chunk=64)
     prompts = [TEXT[i:i + 8] for i in (0, 10, 20, 30)]
-    pairs = [request(tokenizer, p, 12) for p in prompts]
+    pairs = [request(tokenizer, p, 12, temperature=0) for p in prompts]
     doomed = pairs[1][0]
     push = TextStream.push
     pushes = {"doomed": 0}
@@ -56,11 +40,11 @@ def test_a_row_that_fails_mid_batch_fails_alone(model_dir, monkeypatch):
     engine.submit([r for r, _ in pairs])
     engine.start()
     try:
-        results = [collect(inbox) for _, inbox in pairs]
+        results = [collect(inbox)[:2] for _, inbox in pairs]
         monkeypatch.setattr(TextStream, "push", push)
-        later, inbox = request(tokenizer, prompts[1], 12)  # the engine still serves
+        later, inbox = request(tokenizer, prompts[1], 12, temperature=0)  # the engine still serves
         engine.submit([later])
-        after = collect(inbox)
+        after = collect(inbox)[:2]
         alive = engine.alive
     finally:
         engine.close()
@@ -77,10 +61,10 @@ def test_a_scheduler_that_breaks_is_reported_not_hidden(model_dir, monkeypatch):
     told = []
     engine.on_fatal = lambda: told.append(True)
     monkeypatch.setattr(engine, "_admit", lambda: (_ for _ in ()).throw(MemoryError("boom")))
-    first, inbox = request(tokenizer, "hello", 4)
+    first, inbox = request(tokenizer, "hello", 4, temperature=0)
     engine.submit([first])
     engine.start()
-    text, error = collect(inbox)
+    text, error, _ = collect(inbox)
     engine._thread.join(timeout=30)
     assert error.startswith("the generation engine stopped: boom")
     assert not engine.alive and isinstance(engine.fatal, MemoryError) and told == [True]
@@ -140,14 +124,15 @@ def test_padded_vocabulary_rows_are_never_generated(padded):
 def test_the_engine_never_generates_padding_rows(padded):
     model, tokenizer = load_for_inference(padded, "cpu")
     engine = Engine(model, tokenizer, max_batch_size=2)
-    pairs = [request(tokenizer, "the quick", 16), request(tokenizer, "hello", 16)]
+    pairs = [request(tokenizer, "the quick", 16, temperature=0),
+             request(tokenizer, "hello", 16, temperature=0)]
     engine.submit([r for r, _ in pairs])
     engine.start()
     try:
         results = [collect(inbox) for _, inbox in pairs]
     finally:
         engine.close()
-    assert [reason for _, reason in results] == ["length", "length"]
+    assert [reason for _, reason, _ in results] == ["length", "length"]
 
 
 def test_the_server_takes_the_fast_layouts_and_keeps_greedy_text(model_dir):
