@@ -128,10 +128,11 @@ def nan_on(calls: set[int], monkeypatch) -> None:
     monkeypatch.setattr(kernels, "linear_cross_entropy", patched)
 
 
-def test_non_finite_step_is_skipped_and_logged(char_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # skipped on the device, or on the host
+def test_non_finite_step_is_skipped_and_logged(char_data, tmp_path, monkeypatch, optimizer):
     nan_on({3, 4}, monkeypatch)
-    train(TrainConfig(data=str(char_data), out=str(tmp_path / "run"), max_steps=10, **TINY),
-          progress=False)
+    train(TrainConfig(data=str(char_data), out=str(tmp_path / "run"), max_steps=10,
+                      optimizer=optimizer, **TINY), progress=False)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("event") == "non_finite_step_skipped"] == [4, 5]
     model = GPT.from_pretrained(tmp_path / "run")

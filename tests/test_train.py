@@ -48,7 +48,7 @@ def test_loss_falls_and_run_directory_is_a_model_directory(char_data, tmp_path):
 def test_resume_continues_exactly(char_data, tmp_path, optimizer):
     """20 steps straight == stopping after every step and resuming: same losses and weights."""
     settings = dict(data=str(char_data), max_steps=20, eval_interval=0, dropout=0.1,
-                    optimizer=optimizer, muon_momentum_warmup=10, **TINY)
+                    optimizer=optimizer, **TINY)
     train(TrainConfig(out=str(tmp_path / "straight"), **settings), progress=False)
     train(TrainConfig(out=str(tmp_path / "resumed"), max_time=0.0, save_interval=0, **settings),
           progress=False)  # stops (and saves) after its first step, as an interrupt would

@@ -25,9 +25,6 @@ from gptkit.config import TrainConfig
 if TYPE_CHECKING:
     from gptkit.model import GPT
 
-# Muon's momentum at step 0 when `muon_momentum_warmup` ramps it (as nanochat does).
-MUON_MOMENTUM_START = 0.85
-
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
@@ -36,14 +33,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def muon_momentum_at(step: int, cfg: TrainConfig) -> float:
-    """Muon's momentum: `muon_momentum`, ramped up from 0.85 over `muon_momentum_warmup` steps."""
-    if step >= cfg.muon_momentum_warmup:
-        return cfg.muon_momentum
-    start = min(MUON_MOMENTUM_START, cfg.muon_momentum)
-    return start + (cfg.muon_momentum - start) * step / cfg.muon_momentum_warmup
 
 
 def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]],
@@ -93,13 +82,13 @@ class Muon(torch.optim.Muon):
     """`torch.optim.Muon` (same hyperparameters, groups and state) with a batched Newton-Schulz step.
 
     torch's step orthogonalises one matrix at a time in bfloat16, which CPUs without bf16
-    instructions run ~100x slower than float32 (a 512x128 update took 0.2 s on the 2-core
-    machine). Here same-shaped updates are stacked and orthogonalised together, in bfloat16
-    on CUDA (as torch does) and in float32 elsewhere.
+    instructions compute far slower than float32 (docs/performance.md). Here updates of
+    one shape (a tall matrix counting as its transpose) are stacked and orthogonalised
+    together, in bfloat16 on CUDA (as torch does) and in float32 elsewhere.
     """
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # noqa: D102 (documented on the class)
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -119,18 +108,19 @@ class Muon(torch.optim.Muon):
             torch._foreach_lerp_(bufs, grads, 1 - momentum)
             updates = ([g.lerp(buf, momentum) for g, buf in zip(grads, bufs, strict=True)]
                        if group["nesterov"] else bufs)
-            by_shape: dict[tuple[int, ...], list[int]] = {}
-            for i, u in enumerate(updates):
-                by_shape.setdefault((*u.shape, u.device.index or -1), []).append(i)
-            for indices in by_shape.values():
-                first = updates[indices[0]]
-                dtype = torch.bfloat16 if first.is_cuda else torch.float32
-                stack = torch.stack([updates[i] for i in indices]).to(dtype)
+            wide = [u.mT if u.size(0) > u.size(1) else u for u in updates]
+            by_shape: dict[tuple[torch.Size, torch.device], list[int]] = {}
+            for i, u in enumerate(wide):
+                by_shape.setdefault((u.shape, u.device), []).append(i)
+            for (_, device), indices in by_shape.items():
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                stack = torch.stack([wide[i] for i in indices]).to(dtype)
                 ortho = orthogonalize(stack, group["ns_steps"], group["ns_coefficients"], group["eps"])
-                scale = adjusted_lr(lr, group["adjust_lr_fn"], first.shape)
                 for i, o in zip(indices, ortho, strict=True):
-                    params[i].mul_(1 - lr * group["weight_decay"])
-                    params[i].add_(o.to(params[i].dtype), alpha=-scale)
+                    p = params[i]
+                    o = o.mT if o.shape != p.shape else o
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(o.to(p.dtype), alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 
@@ -147,7 +137,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
 class Optimizers:
     """The run's torch optimizers, stepped as one: AdamW, or Muon and AdamW side by side."""
 
-    def __init__(self, adamw: torch.optim.AdamW, muon: torch.optim.Optimizer | None = None) -> None:
+    def __init__(self, adamw: torch.optim.AdamW, muon: Muon | None = None) -> None:
         self.adamw = adamw
         self.muon = muon
 
@@ -202,12 +192,12 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> Optimi
         return Optimizers(adamw)
     # the default lr adjustment scales each update by sqrt(max(1, rows / cols))
     muon = Muon([p for _, p in hidden], lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                            weight_decay=cfg.weight_decay)
+                weight_decay=cfg.weight_decay)
     return Optimizers(adamw, muon)
 
 
 def apply_schedule(optimizer: Optimizers, step: int, cfg: TrainConfig) -> float:
-    """Set every group's learning rate (and Muon's momentum) for `step`; returns AdamW's lr.
+    """Set every group's learning rate for `step`; returns AdamW's lr.
 
     Muon's lr follows the same warm-up and cosine shape as AdamW's, scaled to peak at
     `--muon-lr` (so it ends at `muon_lr * min_lr / lr`).
@@ -216,8 +206,7 @@ def apply_schedule(optimizer: Optimizers, step: int, cfg: TrainConfig) -> float:
     for group in optimizer.adamw.param_groups:
         group["lr"] = lr
     if optimizer.muon is not None:
-        momentum = muon_momentum_at(step, cfg)
         for group in optimizer.muon.param_groups:
             group["lr"] = lr * cfg.muon_lr / cfg.lr
-            group["momentum"] = momentum
+            group["momentum"] = cfg.muon_momentum  # a resumed run takes the flag's value
     return lr
