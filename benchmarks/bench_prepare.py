@@ -1,10 +1,9 @@
 """Data preparation speed: `gptkit prepare` against tiktoken and Hugging Face tokenizers.
 
-    python benchmarks/bench_prepare.py [--megabytes 50]
+    python benchmarks/bench_prepare.py --corpus moby_dick.txt [--megabytes 50]
 
-The corpus is the whole of Moby Dick, ../shared/data/prose/moby_dick.txt beside the
-checkout (the repository's data/ holds only an excerpt; data/README.md names the source),
-repeated to the requested size. Each engine encodes the same text with the same vocabulary
+The corpus is the whole of Moby Dick, a text file given with --corpus (the repository's
+data/ holds only an excerpt; data/README.md names the source of the whole book), repeated to the requested size. Each engine encodes the same text with the same vocabulary
 in the same run: first a byte-level BPE of 8192 tokens trained on the text, then the
 original GPT-2 vocabulary (data/gpt2-tokenizer).
 `gptkit prepare` is measured end to end (reading, encoding, writing train.bin/val.bin)
@@ -29,6 +28,7 @@ from gptkit.data import prepare
 from gptkit.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+# where the whole book lies beside our own checkouts; --corpus overrides it
 MOBY_DICK = REPO.parent / "shared" / "data" / "prose" / "moby_dick.txt"
 
 
@@ -42,11 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--corpus", type=Path, default=MOBY_DICK,
+                        help="the whole of Moby Dick as UTF-8 text (data/README.md names its source)")
     args = parser.parse_args()
-    if not MOBY_DICK.is_file():
-        sys.exit(f"bench_prepare.py needs the whole of Moby Dick at {MOBY_DICK} (the shared data "
-                 "folder beside the checkout; data/README.md names its source), and it is missing.")
-    base = MOBY_DICK.read_text(encoding="utf-8")
+    if not args.corpus.is_file():
+        sys.exit(f"bench_prepare.py needs the whole of Moby Dick as a text file; {args.corpus} "
+                 "does not exist. Pass it with --corpus (data/README.md names its source).")
+    base = args.corpus.read_text(encoding="utf-8")
     text = base * max(1, int(args.megabytes * 1e6 / len(base.encode())))
     megabytes = len(text.encode()) / 1e6
     cores = len(os.sched_getaffinity(0))
