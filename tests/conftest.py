@@ -27,3 +27,15 @@ def char_data(tmp_path_factory, repo_data) -> Path:
     Tokenizer.train([root / "input.txt"], kind="char").save_pretrained(root / "tok")
     prepare([root / "input.txt"], root / "tok", root / "data", progress=False)
     return root / "data"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second thread's hand-offs cost more than it computes (and far more on
+    a machine shared with other jobs). Modules opt in with `usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

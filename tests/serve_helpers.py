@@ -111,3 +111,14 @@ def collect(inbox) -> tuple[str, str | None, int]:
         text += event.text
         if event.finish_reason or event.error:
             return text, event.finish_reason or event.error, event.completion_tokens
+
+
+def serve_all(engine, pairs) -> list[tuple[str, str | None, int]]:
+    """Submit (request, inbox) pairs to a new engine, run it until each has finished, close
+    it, and return what `collect` gives for each."""
+    engine.submit([r for r, _ in pairs])
+    engine.start()
+    try:
+        return [collect(inbox) for _, inbox in pairs]
+    finally:
+        engine.close()

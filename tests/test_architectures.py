@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import queue
 import warnings
 
 import pytest
@@ -24,14 +23,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. hello world! 0123456789 ,;:
 PROMPT = [[5, 17, 60, 3, 42, 9]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread's hand-offs cost more than it computes (and far more
-    on a machine shared with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(arch: str, seed: int = 0, **overrides) -> GPT:
@@ -189,7 +181,9 @@ def test_speculative_decoding_with_a_draft_of_another_family():
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_serving_engine_matches_offline_greedy(arch):
-    from gptkit.serve.engine import Engine, GenerationRequest
+    from serve_helpers import request, serve_all
+
+    from gptkit.serve.engine import Engine
 
     tokenizer = Tokenizer.train(texts=[TEXT], vocab_size=64, kind="char")
     model = tiny(arch, seed=6, vocab_size=tokenizer.vocab_size,
@@ -202,21 +196,10 @@ def test_serving_engine_matches_offline_greedy(arch):
         ids = tokenizer.encode(prompt, return_tensors="pt")
         out = generate(model, ids, max_new_tokens=n, tokenizer=tokenizer)
         expected.append(tokenizer.decode(out[0, ids.size(1):].tolist()))
-    inboxes = [queue.Queue() for _ in prompts]
     engine = Engine(model, tokenizer, max_batch_size=2, prefill_chunk=4)
-    engine.submit([GenerationRequest(tokenizer.encode(p), n, box.put, temperature=0)
-                   for p, n, box in zip(prompts, lengths, inboxes, strict=True)])
-    engine.start()
-    texts = []
-    try:
-        for box in inboxes:
-            text = ""
-            while not (event := box.get(timeout=60)).finish_reason:
-                text += event.text
-            texts.append(text + event.text)
-    finally:
-        engine.close()
-    assert texts == expected
+    results = serve_all(engine, [request(tokenizer, p, n, temperature=0)
+                                 for p, n in zip(prompts, lengths, strict=True)])
+    assert [text for text, _, _ in results] == expected
 
 
 # -- fine-tuning adapters, explanations, info -------------------------------------------------

@@ -4,7 +4,7 @@ prefill, per-request sampling and seeds, eos, queue limits, cancellation."""
 from __future__ import annotations
 
 import pytest
-from serve_helpers import TEXT, collect, make_model_dir, offline, request
+from serve_helpers import TEXT, collect, make_model_dir, offline, request, serve_all
 
 from gptkit.generate import generate
 from gptkit.inference import load_for_inference
@@ -27,12 +27,7 @@ def test_rows_join_and_leave_and_match_offline_greedy(loaded, model_dir):
     prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(10)]  # prompts of 3 to 18 tokens
     lengths = [5 + 7 * (i % 3) for i in range(10)]  # requests end at different steps
     pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
-    engine.submit([r for r, _ in pairs])
-    engine.start()
-    try:
-        results = [collect(inbox) for _, inbox in pairs]
-    finally:
-        engine.close()
+    results = serve_all(engine, pairs)
     assert results == [(offline(model_dir, p, n), "length", n) for p, n in zip(prompts, lengths, strict=True)]
     stats = engine.stats()
     assert stats["completed"] == 10 and stats["active"] == stats["queued"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import TEXT, collect, make_model_dir, offline, request
+from serve_helpers import TEXT, collect, make_model_dir, offline, request, serve_all
 
 from gptkit import GPT, GPTConfig, Tokenizer
 from gptkit.generate import TextStream, generate, stream_generate
@@ -126,12 +126,7 @@ def test_the_engine_never_generates_padding_rows(padded):
     engine = Engine(model, tokenizer, max_batch_size=2)
     pairs = [request(tokenizer, "the quick", 16, temperature=0),
              request(tokenizer, "hello", 16, temperature=0)]
-    engine.submit([r for r, _ in pairs])
-    engine.start()
-    try:
-        results = [collect(inbox) for _, inbox in pairs]
-    finally:
-        engine.close()
+    results = serve_all(engine, pairs)
     assert [reason for _, reason, _ in results] == ["length", "length"]
 
 

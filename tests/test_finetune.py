@@ -25,13 +25,7 @@ def reversal_records(n: int, seed: int) -> list[dict[str, str]]:
     return [{"prompt": w + "=", "completion": w[::-1]} for w in words]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast as two and does not stall when cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ TINY = dict(preset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is as fast as two and does not stall when cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt() -> GPT:
