@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_real import ROOT, commands, gptkit, write_corpus  # noqa: E402
+from finetune_real import ROOT, check_data, commands, gptkit, pretrain_base  # noqa: E402
 
 SETS = {  # task: (train file, test file, metrics)
     "translate": ("translation/en-zh.train.jsonl", "translation/en-zh.test.jsonl", ["bleu", "chrf"]),
@@ -128,22 +128,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50, help="test conversations per file")
     args = parser.parse_args()
     work, data = Path(args.work), Path(args.data)
-    needed = [name for files in SETS.values() for name in files[:2]] + ["prose/moby_dick.txt"]
-    missing = [name for name in needed if not (data / name).is_file()]
-    if missing:
-        sys.exit(f"chat_real.py needs the full task sets and Moby Dick under --data {data} "
-                 f"(see data/README.md for their sources), and {', '.join(missing)} "
-                 f"{'is' if len(missing) == 1 else 'are'} missing there.")
-    base = work / "base"
-    if not (base / "model.safetensors").exists():
-        write_corpus(data, work / "corpus")
-        gptkit("tokenizer", "train", str(work / "tokenizer_text.txt"),
-               str(work / "corpus" / "moby_dick.txt"), "--vocab-size", "2048",
-               "--out", str(work / "tok"))
-        gptkit("prepare", str(work / "corpus"), "--tokenizer", str(work / "tok"),
-               "--out", str(work / "tokens"), "--val-fraction", "0.02")
-        gptkit("train", "--data", str(work / "tokens"), "--out", str(base), *PRETRAIN,
-               "--max-steps", "100000", "--max-time", str(int(args.pretrain_minutes * 60)))
+    check_data(data, [files[:2] for files in SETS.values()], "chat_real.py")
+    base = pretrain_base(data, work, PRETRAIN, vocab_size=2048, minutes=args.pretrain_minutes)
     conversations = work / "conversations"
     write_conversations(data, conversations)
     models = {"base": base}

@@ -88,6 +88,33 @@ def write_corpus(data: Path, out: Path) -> None:
     (out.parent / "tokenizer_text.txt").write_text("\n".join(docs), encoding="utf-8")
 
 
+def check_data(data: Path, pairs: list[tuple[str, ...]], script: str) -> None:
+    """Exit with one sentence naming what is missing of the full sets and Moby Dick."""
+    needed = [name for pair in pairs for name in pair] + ["prose/moby_dick.txt"]
+    missing = [name for name in needed if not (data / name).is_file()]
+    if missing:
+        sys.exit(f"{script} needs the full task sets and Moby Dick under --data {data} "
+                 f"(see data/README.md for their sources), and {', '.join(missing)} "
+                 f"{'is' if len(missing) == 1 else 'are'} missing there.")
+
+
+def pretrain_base(data: Path, work: Path, shape: list[str], *, vocab_size: int,
+                  minutes: float) -> Path:
+    """The base model both benchmarks fine-tune: a BPE tokenizer and `minutes` of pretraining
+    on the train splits' texts plus Moby Dick (reused when `work` already holds it)."""
+    base = work / "base"
+    if not (base / "model.safetensors").exists():
+        write_corpus(data, work / "corpus")
+        gptkit("tokenizer", "train", str(work / "tokenizer_text.txt"),
+               str(work / "corpus" / "moby_dick.txt"), "--vocab-size", str(vocab_size),
+               "--out", str(work / "tok"))
+        gptkit("prepare", str(work / "corpus"), "--tokenizer", str(work / "tok"),
+               "--out", str(work / "tokens"), "--val-fraction", "0.02")
+        gptkit("train", "--data", str(work / "tokens"), "--out", str(base), *shape,
+               "--max-steps", "100000", "--max-time", str(int(minutes * 60)))
+    return base
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/ft_real", help="folder for every output")
@@ -97,22 +124,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=100, help="test records per task")
     args = parser.parse_args()
     work, data = Path(args.work), Path(args.data)
-    needed = [name for files in TASKS.values() for name in files[:2]] + ["prose/moby_dick.txt"]
-    missing = [name for name in needed if not (data / name).is_file()]
-    if missing:
-        sys.exit(f"finetune_real.py needs the full task sets and Moby Dick under --data {data} "
-                 f"(see data/README.md for their sources), and {', '.join(missing)} "
-                 f"{'is' if len(missing) == 1 else 'are'} missing there.")
-    base = work / "base"
-    if not (base / "model.safetensors").exists():
-        write_corpus(data, work / "corpus")
-        gptkit("tokenizer", "train", str(work / "tokenizer_text.txt"),
-               str(work / "corpus" / "moby_dick.txt"), "--vocab-size", "4096",
-               "--out", str(work / "tok"))
-        gptkit("prepare", str(work / "corpus"), "--tokenizer", str(work / "tok"),
-               "--out", str(work / "tokens"), "--val-fraction", "0.02")
-        gptkit("train", "--data", str(work / "tokens"), "--out", str(base), *PRETRAIN,
-               "--max-steps", "100000", "--max-time", str(int(args.pretrain_minutes * 60)))
+    check_data(data, [files[:2] for files in TASKS.values()], "finetune_real.py")
+    base = pretrain_base(data, work, PRETRAIN, vocab_size=4096, minutes=args.pretrain_minutes)
     rows = []
     for task, (train_file, test_file, names) in TASKS.items():
         def evaluate(model: Path, task: str = task, test_file: str = test_file) -> dict:
