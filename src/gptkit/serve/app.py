@@ -396,7 +396,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
         raise GptkitError(f"--dtype '{dtype}' is not served; expected float32 or bfloat16.")
     directory = resolve_model_dir(model)
     gpt, tokenizer = load_directory(directory, device, DTYPES[dtype],
-                                    fast=dtype != "float32" or quantize is not None or compile,
+                                    fast=dtype != "float32",  # quantize, compile imply it
                                     quantize=quantize, compile=compile)
     # a chat model's answer ends at its end-of-turn token (and at end-of-text)
     eos = stop_token_ids(tokenizer) if tokenizer.chat_template is not None else None
