@@ -33,9 +33,12 @@ def test_any_unicode_round_trips_or_is_refused_clearly(gpt2, text):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(gpt2, tmp_path_factory) -> Path:
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE: `prepare` reads and writes it once per example, and the
+    reader under test does not depend on the vocabulary's size."""
     directory = tmp_path_factory.mktemp("tok")
-    gpt2.save_pretrained(directory)
+    Tokenizer.train(texts=["a small corpus of plain words, and some more words"] * 20,
+                    vocab_size=300).save_pretrained(directory)
     return directory
 
 

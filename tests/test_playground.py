@@ -70,6 +70,19 @@ def generate(page, expected: str) -> int:
     return page.evaluate("window.updates")
 
 
+def press_when_text_appears(page, watched: str, text_js: str, button: str) -> None:
+    """Arm the page to click `button` the moment the text that `text_js` evaluates to is
+    longer than 5 characters, checked on every change under `watched`: a click sent from
+    the test process arrives a round trip late, when a fast machine may have finished."""
+    page.evaluate("""([watched, textJs, button]) => {
+        const observer = new MutationObserver(() => {
+            if (eval(textJs).length > 5) { observer.disconnect(); document.querySelector(button).click(); }
+        });
+        observer.observe(document.querySelector(watched),
+                         {childList: true, subtree: true, characterData: true});
+    }""", [watched, text_js, button])
+
+
 def test_text_streams_in_for_a_typed_prompt(page):
     page.select_option("#mode", "completion")
     page.fill("#prompt", "hello")
@@ -100,9 +113,9 @@ def test_stop_button_ends_the_stream(page):
     page.select_option("#mode", "completion")
     page.fill("#prompt", "fox")
     page.fill("#max-tokens", "1000")
+    press_when_text_appears(page, "#output", "document.getElementById('output').textContent",
+                            "#stop")
     page.click("#generate")
-    page.wait_for_function("document.getElementById('output').textContent.length > 5")
-    page.click("#stop")
     page.wait_for_function("!document.getElementById('generate').disabled")
     assert len(page.text_content("#output")) < 3 + 1000
     assert page.text_content("#error") == ""
@@ -229,10 +242,10 @@ def test_stop_ends_the_answer_and_clear_empties_the_conversation(chat_page):
     page.click("#chat-clear")
     page.fill("#max-tokens", "400")
     page.fill("#chat-input", "tell me a long story")
+    press_when_text_appears(page, "#messages",
+                            "(a => a.length ? a[a.length - 1].textContent : '')("
+                            "document.querySelectorAll('.message.assistant .content'))", "#chat-stop")
     page.click("#send")
-    page.wait_for_function("(() => { const a = document.querySelectorAll('.message.assistant .content');"
-                           " return a[a.length - 1].textContent.length > 5; })()")
-    page.click("#chat-stop")
     page.wait_for_function("!document.getElementById('send').disabled")
     stats = page.locator(".message.assistant .stats").last.text_content()
     assert stats.endswith("· stopped") and 5 < int(stats.split()[0]) < 400, stats

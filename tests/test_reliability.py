@@ -52,7 +52,7 @@ def test_sigkill_anywhere_then_resume_gives_bitwise_equal_weights(char_data, tmp
         started = (run / "train_state.pt").exists()
         proc = subprocess.Popen(train_cmd(char_data, run, started), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        if kills >= 10:  # enough trials: let the last one finish
+        if kills >= 6:  # enough trials: let the last one finish
             _, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err.decode()[-2000:]
             break
@@ -76,7 +76,7 @@ def test_sigkill_anywhere_then_resume_gives_bitwise_equal_weights(char_data, tmp
         recover(run)  # what any loader does first: finish or discard an interrupted commit
         if (run / "train_state.pt").exists():
             steps_seen.append(assert_readable(run))
-    assert kills >= 10, f"only {kills} kills landed"
+    assert kills >= 6, f"only {kills} kills landed"
     assert during_commit >= 1
     assert steps_seen == sorted(steps_seen)  # progress is never lost
     a, b = GPT.from_pretrained(reference), GPT.from_pretrained(run)
