@@ -15,6 +15,7 @@ time, in the same process environment, so the ratios are measured on equal terms
 
     python benchmarks/bench_serve.py            # ~15 minutes on 2 CPU cores
     python benchmarks/bench_serve.py --quick    # fewer requests, 8k vocabulary only
+    python benchmarks/bench_serve.py --vocabulary gpt2 --only gptkit   # one model, one server
 """
 
 from __future__ import annotations
@@ -152,12 +153,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests; 8k vocabulary only")
     parser.add_argument("--only", help="measure only this server (gptkit, 'transformers CB', transformers)")
+    parser.add_argument("--vocabulary", choices=("gpt2", "8k"), help="measure only this model")
     args = parser.parse_args()
     import pydoc_data.topics
 
     words = " ".join(pydoc_data.topics.topics.values()).split()
     prompts = [" ".join(words[i * 50:i * 50 + PROMPT_WORDS]) for i in range(64)]
-    vocabularies = ("8k",) if args.quick else ("gpt2", "8k")
+    vocabularies = ((args.vocabulary,) if args.vocabulary else ("8k",) if args.quick
+                    else ("gpt2", "8k"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for vocabulary in vocabularies:

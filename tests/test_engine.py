@@ -34,6 +34,33 @@ def test_rows_join_and_leave_and_match_offline_greedy(loaded, model_dir):
     assert stats["decode_steps"] < sum(lengths) * 0.5  # rows really shared forward passes
 
 
+def test_prompts_joining_together_share_one_prefill_pass(loaded, model_dir, monkeypatch):
+    """Joining prompts of different lengths (padded), in rows that are not adjacent (copied
+    out of the cache and back), a prompt split across steps by the budget: every text is
+    still exactly the greedy text of the prompt alone."""
+    model, tokenizer = loaded
+    prefills = []  # rows of each forward pass over more than one token per row
+    hidden_states = model.hidden_states
+
+    def counted(idx, *args, **kwargs):
+        if idx.size(1) > 1:
+            prefills.append(idx.size(0))
+        return hidden_states(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", counted)
+    engine = Engine(model, tokenizer, max_batch_size=6, max_queue=16, prefill_chunk=40)
+    # six short prompts fill the rows at once; rows 1 and 4 finish first, and the two
+    # waiting prompts (12 and 33 tokens) join them together; the last one waits longer
+    prompts = [TEXT[i:i + 3 + i] for i in range(6)] + [TEXT[5:17], TEXT[20:53], TEXT[:70]]
+    lengths = [12, 3, 12, 12, 3, 12, 6, 6, 5]
+    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
+    results = serve_all(engine, pairs)
+    assert results == [(offline(model_dir, p, n), "length", n)
+                       for p, n in zip(prompts, lengths, strict=True)]
+    assert prefills[:2] == [6, 2]  # the first six rows in one pass, then rows 1 and 4
+    assert len(prefills) < len(prompts)
+
+
 def test_each_request_samples_with_its_own_seed(loaded):
     model, tokenizer = loaded
     ids = tokenizer.encode("hello", return_tensors="pt")

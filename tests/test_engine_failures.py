@@ -55,6 +55,25 @@ def test_a_row_that_fails_mid_batch_fails_alone(model_dir, monkeypatch):
     assert alive and engine.stats()["completed"] == 5
 
 
+def test_a_prompt_that_fails_its_shared_prefill_fails_alone(model_dir, monkeypatch):
+    model, tokenizer = load_for_inference(model_dir, "cpu")
+    engine = Engine(model, tokenizer, max_batch_size=4, prefill_chunk=64)
+    prompts = ["the quick brown", "hello! world", "lazy dog. 0123"]
+    poison = tokenizer.encode("!")[0]
+    hidden_states = model.hidden_states
+
+    def failing(idx, *args, **kwargs):  # any prefill pass that carries the second prompt
+        if idx.size(1) > 1 and bool((idx == poison).any()):
+            raise RuntimeError("injected prefill failure")
+        return hidden_states(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", failing)
+    results = serve_all(engine, [request(tokenizer, p, 10, temperature=0) for p in prompts])
+    assert results[1][1] == "generation failed: RuntimeError: injected prefill failure"
+    for index in (0, 2):
+        assert results[index] == (offline(model_dir, prompts[index], 10), "length", 10)
+
+
 def test_a_scheduler_that_breaks_is_reported_not_hidden(model_dir, monkeypatch):
     model, tokenizer = load_for_inference(model_dir, "cpu")
     engine = Engine(model, tokenizer, max_batch_size=2)

@@ -47,6 +47,17 @@ def test_completions_match_offline_generate(client, model_dir):
     assert client.models.list().data[0].id == MODEL
 
 
+def test_the_model_path_the_server_was_started_with_names_the_model_too(url, model_dir):
+    """As vLLM and `transformers serve` name a model: clients may send the path."""
+    body = {"prompt": "hello", "max_tokens": 4, "temperature": 0}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        answer = http.post("/v1/completions", json={**body, "model": str(model_dir)})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == offline(model_dir, "hello", 4)
+        other = http.post("/v1/completions", json={**body, "model": str(model_dir.parent)})
+        assert other.status_code == 404 and "serves 'tiny'" in other.json()["error"]["message"]
+
+
 def test_streaming_equals_whole_and_reports_usage(client, model_dir):
     chunks = list(client.completions.create(model=MODEL, prompt="hello", max_tokens=30,
                                             temperature=0, stream=True,

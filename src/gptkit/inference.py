@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,17 +58,18 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
 
 
 def load_directory(directory: Path, device: str | None = "auto", dtype: torch.dtype | None = None,
-                   *, fast: bool = False, quantize: str | None = None, compile: bool = False
-                   ) -> tuple[GPT, Tokenizer]:
+                   *, fast: bool = False, quantize: str | None = None, compile: bool = False,
+                   batch_size: int = 1) -> tuple[GPT, Tokenizer]:
     """`load_for_inference` for a directory the caller already resolved (with
-    `checkpoint.resolve_model_dir`) because it reads other files of it too."""
+    `checkpoint.resolve_model_dir`) because it reads other files of it too; `batch_size`
+    is that of `optimize_for_inference`."""
     fast = fast or quantize is not None or compile
     config, state = checkpoint.load(directory)
     model = GPT.from_state_dict(config, state, device=pick_device(device),
                                 dtype=None if fast else dtype)
     if fast:
         optimize_for_inference(model, dtype=dtype or torch.float32, quantize=quantize,
-                               compile=compile)
+                               compile=compile, batch_size=batch_size)
     tokenizer = Tokenizer.from_pretrained(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptkitError(
@@ -79,14 +81,17 @@ def load_directory(directory: Path, device: str | None = "auto", dtype: torch.dt
 
 
 def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
-                           quantize: str | None = None, compile: bool = False) -> GPT:
+                           quantize: str | None = None, compile: bool = False,
+                           batch_size: int = 1) -> GPT:
     """Put `model` (in place) into the fastest decoding layout for `dtype` and `quantize`.
 
     `dtype` (float32 or bfloat16) is the dtype of the activations and of every weight
     that is not quantized; `quantize="int8"` stores the linear layers' weights as int8
     with per-channel scales. bf16 on a device without native bf16 falls back to fp32
     with a warning. `compile=True` compiles the decode step (`torch.compile`; CUDA graphs
-    on GPU); if compiling fails, generation warns and runs eagerly. Returns `model`.
+    on GPU); if compiling fails, generation warns and runs eagerly. `batch_size` is the
+    number of rows a decode step usually carries: a serving engine's batch (> 1) gets
+    weights packed for products of that many rows on CPU. Returns `model`.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise GptkitError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype!r}.")
@@ -98,13 +103,16 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
                       stacklevel=2)
         dtype = torch.float32
     model.eval()
-    make = _linear_factory(dtype, quantize, device, compile)
+    packed = (device.type == "cpu" and batch_size > 1 and quantize is None and not compile
+              and torch.backends.mkldnn.is_available())
+    make = (partial(_packed, dtype=dtype, batch_size=batch_size) if packed
+            else _linear_factory(dtype, quantize, device, compile))
     for block in model.transformer.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             setattr(parent, name, make(getattr(parent, name)))
     # the head gets its own copy, untied from the embedding
-    tiled = device.type == "cpu" and dtype == torch.float32 and quantize is None
+    tiled = device.type == "cpu" and dtype == torch.float32 and quantize is None and not packed
     model.lm_head = TiledLinear(model.lm_head.weight) if tiled else make(model.lm_head)
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
@@ -113,6 +121,10 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
         move_to_huge_pages(model)
     model.compiled_decode = _compile_decode(model, device) if compile else None
     return model
+
+
+def _packed(linear: nn.Linear, dtype: torch.dtype, batch_size: int) -> OneDnnLinear:
+    return OneDnnLinear(linear.weight, linear.bias, dtype, batch_size)
 
 
 def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.device,

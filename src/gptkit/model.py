@@ -385,6 +385,23 @@ class GPT(nn.Module):
         the last position, which is all a prompt's prefill needs (the head is the
         largest matmul of a small model).
         """
+        x = self.hidden_states(idx, position_ids, input_pos, attn_mask)
+        if last_only:
+            x = x[:, -1:]
+        x = self.transformer.ln_f(x)
+        # nanochat's soft-cap, cap * tanh(logits / cap), keeps logits in (-cap, cap)
+        cap = self.config.logit_softcap
+        if targets is None:
+            logits = self.lm_head(x)
+            return cap * torch.tanh(logits / cap) if cap else logits
+        return lm_head_loss(x, self.lm_head, targets, softcap=cap)
+
+    def hidden_states(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      input_pos: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The last block's output (B, T, C), before the final norm and the LM head; with
+        a cache it has also written the tokens' keys and values. A serving engine calls it
+        for prompt tokens whose next-token logits nobody needs. Arguments as `forward`."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"{T} tokens exceed the model's context of {self.config.block_size}")
@@ -406,15 +423,7 @@ class GPT(nn.Module):
                     block, x, input_pos, attn_mask, rope, use_reentrant=False)
             else:
                 x = block(x, input_pos, attn_mask, rope)
-        if last_only:
-            x = x[:, -1:]
-        x = self.transformer.ln_f(x)
-        # nanochat's soft-cap, cap * tanh(logits / cap), keeps logits in (-cap, cap)
-        cap = self.config.logit_softcap
-        if targets is None:
-            logits = self.lm_head(x)
-            return cap * torch.tanh(logits / cap) if cap else logits
-        return lm_head_loss(x, self.lm_head, targets, softcap=cap)
+        return x
 
     # -- KV cache --------------------------------------------------------------------
 

@@ -9,11 +9,13 @@ oneDNN's blocked layout. `gptkit.inference.optimize_for_inference` picks among t
 
 | dtype / quantize | CPU                                   | CPU, compile=True        | GPU                |
 | fp32             | `TransposedLinear` (addmm, (in, out)) | `RowLinear` (fp32)       | `nn.Linear`        |
+| fp32, batch > 1  | `OneDnnLinear` (fp32, packed)         | `RowLinear` (fp32)       | `nn.Linear`        |
 | bf16             | `OneDnnLinear` (pre-packed oneDNN)    | `RowLinear` (bf16)       | `nn.Linear` (bf16) |
 | int8             | `Int8Linear` (int8 rows, bf16 math)   | `Int8Linear`             | `Int8Linear`       |
 
 An fp32 LM head on CPU is a `TiledLinear`, compiled or not: its weight in tiles of 16
-output features streams fastest both ways.
+output features streams fastest both ways at batch 1; at a serving engine's batch sizes
+("batch > 1": the rows one decode step is packed for) the packed oneDNN weight is faster.
 """
 
 from __future__ import annotations
@@ -42,18 +44,22 @@ class TransposedLinear(nn.Module):
 
 
 class OneDnnLinear(nn.Module):
-    """bf16 linear over a weight pre-packed once into oneDNN's blocked layout, which its
-    AVX512-BF16 kernels read several times faster than a plain bf16 weight at small batches.
+    """Linear over a weight pre-packed once into oneDNN's blocked layout for products of
+    about `batch_size` rows. bf16: its AVX512-BF16 kernels read that layout several times
+    faster than a plain bf16 weight at small batches. fp32 at batch 8-32 (a serving
+    engine's decode step): 1.3-2.5x the speed of MKL's GEMM over the plain weight, the LM
+    head gaining most.
 
     The packed weight is an opaque MKLDNN tensor, kept as a plain attribute: it cannot
     move devices or be saved, which an inference-only layer never needs.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype = torch.bfloat16, batch_size: int = 1) -> None:
         super().__init__()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach().to(torch.bfloat16).contiguous(), 1)
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.bfloat16))
+            weight.detach().to(dtype).contiguous(), batch_size)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

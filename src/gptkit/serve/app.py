@@ -21,6 +21,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -270,16 +271,58 @@ class _Served:
     limits: Limits
     api_key: str | None
     chat: ChatFormat  # the model's chat template, or the plain transcript
+    given: str = ""  # the model as named on the command line, which clients may use too
+    _mailbox: _Mailbox | None = None
 
     @property
     def context(self) -> int:
         return self.engine.context
 
+    def mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        """The one mailbox that carries engine events into `loop` (the server's)."""
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        return self._mailbox
+
+
+class _Mailbox:
+    """Engine events into the event loop, many per wake-up.
+
+    One scheduler step sends an event to every running request; waking the loop once per
+    event (`call_soon_threadsafe` each) would make the loop thread take the GIL that often,
+    stalling the engine thread between its kernels. Events wait here until the loop,
+    woken once, delivers all that have arrived.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._lock = threading.Lock()
+
+    def post(self, queue: asyncio.Queue, item: Any) -> None:
+        """Called from any thread: `item` goes into `queue` on the loop's next turn."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a wake-up is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop has closed: nobody waits for these events any more
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
 
 class _Job:
     """The engine requests of one HTTP request, their events merged into one asyncio queue.
 
-    The engine thread hands events over with `call_soon_threadsafe`; a watcher task
+    The engine thread hands events over through the server's `_Mailbox`; a watcher task
     notices the client leaving and cancels the requests, which frees their rows.
     """
 
@@ -287,7 +330,7 @@ class _Job:
                  http: Request) -> None:
         from gptkit.serve.engine import GenerationRequest, QueueFull
 
-        loop = asyncio.get_running_loop()
+        mailbox = served.mailbox(asyncio.get_running_loop())
         self.queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
         self.http = http
         self.requests = []
@@ -303,8 +346,7 @@ class _Job:
             for choice in range(settings.n):
                 index = len(self.requests)
                 self.requests.append(GenerationRequest(
-                    prompt, max_new, lambda e, i=index: loop.call_soon_threadsafe(
-                        self.queue.put_nowait, (i, e)),
+                    prompt, max_new, lambda e, i=index: mailbox.post(self.queue, (i, e)),
                     temperature=settings.temperature, top_p=settings.top_p,
                     seed=None if settings.seed is None else settings.seed + choice,
                     stop=stop, logprobs=settings.logprobs,
@@ -380,8 +422,10 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
                ) -> FastAPI:
     """Load the model and build the app; the engine thread runs while the app is served.
 
-    `dtype` other than float32, `quantize` or `compile` put the model into the fast decoding
-    layouts of `gptkit.inference.optimize_for_inference`, as `gptkit generate` does.
+    The model is served in the fast decoding layouts of
+    `gptkit.inference.optimize_for_inference` for `dtype`, `quantize` and `compile`, as
+    `gptkit generate` runs it, with fp32 weights packed for decode steps of
+    `max_batch_size` rows on CPU.
     """
     from gptkit.checkpoint import resolve_model_dir
     from gptkit.inference import load_directory
@@ -395,15 +439,15 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
     if dtype not in ("float32", "bfloat16"):
         raise GptkitError(f"--dtype '{dtype}' is not served; expected float32 or bfloat16.")
     directory = resolve_model_dir(model)
-    gpt, tokenizer = load_directory(directory, device, DTYPES[dtype],
-                                    fast=dtype != "float32",  # quantize, compile imply it
-                                    quantize=quantize, compile=compile)
+    gpt, tokenizer = load_directory(directory, device, DTYPES[dtype], fast=True,
+                                    quantize=quantize, compile=compile, batch_size=max_batch_size)
     # a chat model's answer ends at its end-of-turn token (and at end-of-text)
     eos = stop_token_ids(tokenizer) if tokenizer.chat_template is not None else None
     served = _Served(Engine(gpt, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
                             eos_token_id=eos),
                      tokenizer, Path(str(model).rstrip("/")).name or directory.name,
-                     read_task_file(directory), limits, api_key or None, chat_format(tokenizer))
+                     read_task_file(directory), limits, api_key or None, chat_format(tokenizer),
+                     given=str(model))
     page = (resources.files("gptkit.serve") / "playground.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -473,7 +517,7 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
                                ) -> tuple[dict[str, Any], Settings]:
         body = await _read_body(request, served)
         _check_fields(body, allowed)
-        _check_model(body, served.name)
+        _check_model(body, served)
         return body, _settings(body, limits, served.context)
 
     @app.post("/v1/completions")
@@ -675,11 +719,13 @@ async def _read_body(request: Request, served: _Served) -> dict[str, Any]:
     return body
 
 
-def _check_model(body: dict[str, Any], name: str) -> None:
-    model = body.get("model", name)
-    if model != name:
+def _check_model(body: dict[str, Any], served: _Served) -> None:
+    """The request's "model" is the served name or the model exactly as the server was
+    started with it (a path or hub id, as vLLM and `transformers serve` name models)."""
+    model = body.get("model", served.name)
+    if model not in (served.name, served.given):
         raise ApiError(404, f"The model {_show(model)} does not exist; this server serves "
-                       f"'{name}'.", param="model", code="model_not_found")
+                       f"'{served.name}'.", param="model", code="model_not_found")
 
 
 def _encode_prompts(prompt: Any, served: _Served, param: str = "prompt") -> list[list[int]]:

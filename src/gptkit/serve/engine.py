@@ -6,7 +6,9 @@ the cache belongs to whichever request sits in row r). A scheduler thread repeat
 1. drop cancelled requests and admit queued ones into free rows (lowest row first, so
    the batch stays a short prefix of the pool);
 2. prefill joining prompts in chunks of at most `prefill_chunk` tokens per step, so a
-   long prompt never stalls the rows that are already decoding;
+   long prompt never stalls the rows that are already decoding; a prompt's last token
+   is left for step 3, whose batched LM head gives its logits (a prefill of its own
+   would read the whole head, the largest weight of a small model, for one row);
 3. run ONE decode step for all decoding rows, each at its own cache position
    (per-row `input_pos`, position ids and masks), and sample each row with its own
    request's settings and seeded generator;
@@ -41,9 +43,10 @@ from gptkit.generate import (
     sample_next,
     usable_logits,
 )
+from gptkit.model import KVCache
 
 if TYPE_CHECKING:
-    from gptkit.model import GPT, KVCache
+    from gptkit.model import GPT
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +122,11 @@ class _Row:
                  tokenizer: TextCodec) -> None:
         self.request = request
         self.filled = 0  # prompt tokens already in the cache
-        self.pos = 0  # cache slot (= position) of the newest token, once decoding
-        self.last = 0  # newest sampled token, fed to the next decode step
+        # Echo scores every prompt token, so its prefill runs the head over all of them;
+        # otherwise the last prompt token enters with the first decode step.
+        self.prefill_len = len(request.prompt) - (not request.echo_logprobs)
+        self.pos = len(request.prompt) - 1  # cache slot (= position) of the newest token
+        self.last = request.prompt[-1]  # newest token, fed to the next decode step
         self.count = 0  # tokens sampled, eos included
         self.text = TextStream(tokenizer, request.stop)  # output text, released as it is ready
         generator = torch.Generator(device=device)
@@ -137,7 +143,7 @@ class _Row:
 
     @property
     def decoding(self) -> bool:
-        return self.filled == len(self.request.prompt)
+        return self.filled == self.prefill_len
 
 
 class Engine:
@@ -276,22 +282,50 @@ class Engine:
                                                       self.model.config.vocab_size, self.tokenizer)
 
     def _step(self) -> None:
-        budget = self.prefill_chunk
+        budget, chunks = self.prefill_chunk, []  # chunks: (row index, first slot, stop slot)
         for index, row in enumerate(self._rows):
             if row is not None and not row.decoding and budget > 0:
-                try:
-                    budget -= self._prefill(index, row, budget)
-                except Exception as exc:  # this prompt failed (a bug, out of memory): it alone
-                    self._fail(index, exc)
+                start = row.filled
+                # Echo with logprobs scores every prompt token, so that prompt goes in one piece.
+                stop = (row.prefill_len if row.request.echo_logprobs
+                        else min(row.prefill_len, start + budget))
+                chunks.append((index, start, stop))
+                budget -= stop - start
+        plain = []
+        for chunk in chunks:
+            if self._rows[chunk[0]].request.echo_logprobs:
+                self._isolated(self._prefill_echo, chunk)
+            else:
+                plain.append(chunk)
+        if len(plain) > 1:
+            try:
+                self._prefill(plain)
+                plain = []
+            except Exception:  # one of them may be at fault: each again alone, below
+                pass
+        for chunk in plain:
+            self._isolated(lambda c: self._prefill([c]), chunk)
         live = [i for i, row in enumerate(self._rows) if row is not None and row.decoding]
         if live:
             self._decode(live[-1] + 1)
+
+    def _isolated(self, prefill: Callable[[tuple[int, int, int]], None],
+                  chunk: tuple[int, int, int]) -> None:
+        """A prompt that fails to prefill (a bug, out of memory) fails its request alone."""
+        try:
+            prefill(chunk)
+        except Exception as exc:
+            self._fail(chunk[0], exc)
+
+    def _span(self, needed: int) -> int:
+        """`needed` cache slots rounded up to a multiple of SLOT_BLOCK."""
+        return min(self.context, -(-needed // SLOT_BLOCK) * SLOT_BLOCK)
 
     def _use_rows(self, start: int, stop: int, needed: int) -> int:
         """Point every layer at rows start..stop-1 of the cache, over the first `needed`
         slots rounded up to a multiple of SLOT_BLOCK (views share the cache's memory), so
         attention reads only slots some row has reached; returns that number of slots."""
-        slots = min(self.context, -(-needed // SLOT_BLOCK) * SLOT_BLOCK)
+        slots = self._span(needed)
         views = self._views.get((start, stop, slots))
         if views is None:
             views = [full.rows(start, stop, slots) for full in self._full_caches]
@@ -299,29 +333,52 @@ class Engine:
         self.model.kv_caches = views
         return slots
 
-    def _prefill(self, index: int, row: _Row, budget: int) -> int:
-        """Put the next chunk of a joining prompt into its row; returns tokens used."""
-        request = row.request
-        start = row.filled
-        # Echo with logprobs scores every prompt token, so that prompt goes in one piece.
-        stop = (len(request.prompt) if request.echo_logprobs
-                else min(len(request.prompt), start + budget))
+    def _prefill(self, chunks: list[tuple[int, int, int]]) -> None:
+        """Put the next chunk of each joining prompt into its row, all in one forward pass
+        that writes keys and values only (a prompt's last token gets its logits in the
+        decode step).
+
+        Several rows need not be adjacent in the cache, so they are copied out of it and
+        back. Chunks shorter than the longest are padded with token 0 at slots past their
+        own end, which later tokens overwrite before anything attends to them.
+        """
+        width = max(stop - start for _, start, stop in chunks)
+        span = self._span(max(start for _, start, _ in chunks) + width)  # padding included
+        ids = [self._rows[index].request.prompt[start:stop] + [0] * (width - stop + start)
+               for index, start, stop in chunks]
+        # the last slot stays free for padding: a plain prompt's chunk ends before it
+        slots = torch.tensor([[min(start + j, self.context - 1) for j in range(width)]
+                              for _, start, _ in chunks], device=self.device)
+        rows = [index for index, *_ in chunks]
+        if len(rows) == 1:
+            self._use_rows(rows[0], rows[0] + 1, span)
+        else:
+            picked = torch.tensor(rows, device=self.device)
+            self.model.kv_caches = [KVCache(full.k[picked, :, :span], full.v[picked, :, :span])
+                                    for full in self._full_caches]
+        self.model.hidden_states(torch.tensor(ids, device=self.device), position_ids=slots,
+                                 input_pos=slots, attn_mask=self._causal[slots, :span][:, None])
+        if len(rows) > 1:
+            for full, part in zip(self._full_caches, self.model.kv_caches, strict=True):
+                full.k[picked, :, :span] = part.k
+                full.v[picked, :, :span] = part.v
+        for index, _, stop in chunks:
+            self._rows[index].filled = stop
+
+    def _prefill_echo(self, chunk: tuple[int, int, int]) -> None:
+        """Prefill a whole prompt whose every token is scored (echo with logprobs), then
+        sample its first new token from the last position's logits."""
+        index, start, stop = chunk
+        row = self._rows[index]
         span = self._use_rows(index, index + 1, stop)
         slots = self._slots[start:stop]
-        ids = torch.tensor([request.prompt[start:stop]], device=self.device)
-        # The LM head (the largest matmul of a small model) runs for the last position
-        # only, unless echo asks for every prompt token's log-probabilities.
         logits = usable_logits(self.model, self.model(
-            ids, position_ids=slots[None], input_pos=slots,
-            attn_mask=self._causal[start:stop, :span][None, None],
-            last_only=not request.echo_logprobs)[0])  # (T or 1, V)
-        row.filled = stop
-        if request.echo_logprobs:
-            self._send_prompt_logprobs(row, logits)
-        if row.decoding:
-            row.pos = stop
-            self._take(index, row, logits[-1], None)
-        return stop - start
+            torch.tensor([row.request.prompt[start:stop]], device=self.device),
+            position_ids=slots[None], input_pos=slots,
+            attn_mask=self._causal[start:stop, :span][None, None])[0])  # (T, V)
+        row.filled = row.pos = stop
+        self._send_prompt_logprobs(row, logits)
+        self._take(index, row, logits[-1], None)
 
     def _decode(self, rows: int) -> None:
         """One token for every decoding row among the first `rows`, in one forward pass.
