@@ -10,7 +10,9 @@ and served from the same directory by:
 
 clients keep 1, 8 and 32 greedy `/v1/completions` requests of 64 new tokens in flight.
 The table gives generated tokens/s (from `usage`), p50/p99 request latency, time to first
-token of streamed requests, and gptkit's ratio to the better peer. Servers run one at a
+token of streamed requests, and gptkit's ratio to the better peer; `gptkit generate`'s own
+speed on the same model, one request at a time without a server, is the bound for
+concurrency 1. Servers run one at a
 time, in the same process environment, so the ratios are measured on equal terms.
 
     python benchmarks/bench_serve.py            # ~15 minutes on 2 CPU cores
@@ -143,6 +145,26 @@ async def load(url: str, model: str, concurrency: int, requests: int, prompts: l
     return time.perf_counter() - start, latencies, first_tokens, tokens
 
 
+def generate_speed(model: Path, prompts: list[str], runs: int = 6) -> float:
+    """Tokens/s of `gptkit generate`'s engine in this process, one greedy request of
+    MAX_TOKENS at a time (prefill included, as in a server's latency): the bound a
+    server at concurrency 1 can approach."""
+    import torch
+
+    from gptkit.generate import generate
+    from gptkit.inference import load_for_inference
+
+    gpt, tokenizer = load_for_inference(model, "cpu", fast=True)
+    speeds = []
+    with torch.inference_mode():
+        for i in range(runs + 1):
+            ids = tokenizer.encode(prompts[i], return_tensors="pt")
+            start = time.perf_counter()
+            generate(gpt, ids, max_new_tokens=MAX_TOKENS, eos_token_id=[])
+            speeds.append(MAX_TOKENS / (time.perf_counter() - start))
+    return statistics.median(speeds[1:])  # the first run warms up
+
+
 def percentile(values: list[float], q: int) -> float:
     if len(values) == 1:
         return values[0]
@@ -192,6 +214,9 @@ def main() -> None:
                         process.wait(timeout=60)
                     except subprocess.TimeoutExpired:
                         process.kill()
+            if not args.only or args.only == "gptkit":
+                results[("gptkit generate, no server", 1)] = (
+                    generate_speed(model, prompts), float("nan"), float("nan"), float("nan"))
             rows.append((vocabulary, results))
     print(f"\nsmall shape (6 x 384) on CPU, greedy, {MAX_TOKENS} new tokens per request, "
           f"prompts of ~{PROMPT_WORDS} words\n")
@@ -200,13 +225,18 @@ def main() -> None:
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for vocabulary, results in rows:
         for concurrency in CONCURRENCY:
-            peers = [results[k][0] for k in results if k[1] == concurrency and k[0] != "gptkit"]
+            peers = [results[k][0] for k in results
+                     if k[1] == concurrency and k[0].startswith("transformers")]
             for (name, level), (tps, p50, p99, ttft) in results.items():
                 if level != concurrency:
                     continue
                 ratio = (f"{tps / max(peers):.2f}x" if name == "gptkit" and peers else "")
                 print(f"| {vocabulary} | {concurrency} | {name} | {tps:,.0f} | {p50:.2f} | "
                       f"{p99:.2f} | {ttft:.2f} | {ratio} |")
+        alone, served = results.get(("gptkit generate, no server", 1)), results.get(("gptkit", 1))
+        if alone and served:
+            print(f"\n{vocabulary}: gptkit serve at concurrency 1 runs at {served[0] / alone[0]:.0%} "
+                  "of `gptkit generate`'s speed on the same model.")
 
 
 if __name__ == "__main__":

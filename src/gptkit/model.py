@@ -73,9 +73,9 @@ class KVCache(nn.Module):
         `input_pos` is (T,) when every row writes the same slots, or (B, T) when rows
         sit at different positions (continuous batching).
         """
-        if input_pos.dim() == 1:
-            self.k.index_copy_(2, input_pos, k)
-            self.v.index_copy_(2, input_pos, v)
+        if input_pos.dim() == 1 or input_pos.size(0) == 1:  # one set of slots: a cheap copy
+            self.k.index_copy_(2, input_pos.view(-1), k)
+            self.v.index_copy_(2, input_pos.view(-1), v)
         else:
             rows = torch.arange(k.size(0), device=k.device).unsqueeze(1)  # (B, 1)
             self.k[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is (B, T, nkv, hs)
