@@ -21,7 +21,7 @@ from gptkit.errors import GptkitError
 from gptkit.generate import cache_size, generate
 from gptkit.inference import GuardedStep, optimize_for_inference
 from gptkit.kernels.int8 import quantize_per_channel
-from gptkit.kernels.linear import RowLinear, TiledLinear
+from gptkit.kernels.linear import OneDnnLinear, RowLinear, TiledLinear
 from gptkit.kernels.ops import masked_attention
 from gptkit.kernels.rowwise import rowwise_matmul, tile_weight, tiled_matmul
 from gptkit.model import GPT
@@ -92,6 +92,20 @@ def test_fast_layouts_keep_perplexity(shakespeare, dtype):
     if dtype == torch.float32:  # the same arithmetic in another layout: the same tokens
         for prompt in PROMPTS:
             assert greedy(fast, vocab, prompt) == greedy(model, vocab, prompt)
+
+
+def test_weights_packed_for_a_serving_batch_keep_logits_and_tokens(shakespeare):
+    """A serving engine's layout (fp32 weights packed for products of 8 rows) gives the
+    plain model's logits on a batch of rows and its greedy tokens on one."""
+    model, vocab, held_out = shakespeare
+    packed = optimize_for_inference(copy.deepcopy(model), batch_size=8)
+    assert isinstance(packed.lm_head, OneDnnLinear)
+    assert isinstance(packed.transformer.h[0].mlp.c_fc, OneDnnLinear)
+    rows = held_out[:8 * 32].view(8, 32)
+    with torch.inference_mode():
+        assert torch.allclose(packed(rows), model(rows), atol=1e-4, rtol=1e-4)
+    for prompt in PROMPTS:
+        assert greedy(packed, vocab, prompt) == greedy(model, vocab, prompt)
 
 
 def test_compiled_step_equals_eager(shakespeare, monkeypatch):
