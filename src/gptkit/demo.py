@@ -85,7 +85,13 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 4.0, device: str = 
         shutil.rmtree(cfg.out)  # a fresh demo each time
     print(f"[4/4] pretraining a {shape['n_layer']}-layer GPT for ~{seconds / 60:.1f} min ({steps} steps)")
     result = train(cfg)
-    print(f"val loss: {_first_val_loss(Path(cfg.out)):.3f} before training, {result.val_loss:.3f} after")
+    after = result.val_loss
+    if result.stopped_early or after is None:  # the last evaluation came before the saved step
+        from gptkit.evaluate import evaluate_lm
+
+        after = evaluate_lm(cfg.out, out / "data", batch_size=16, max_batches=10,
+                            device=device)["loss"]
+    print(f"val loss: {_first_val_loss(Path(cfg.out)):.3f} before training, {after:.3f} after")
 
     model = GPT.from_pretrained(cfg.out)
     generator = torch.Generator().manual_seed(0)
