@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,18 @@ def browser():
         browser.close()
 
 
+def open_playground(browser, model_dir: Path) -> Iterator:
+    """A page on a live server of `model_dir`, once it shows the model's name; the page
+    knows its `model_dir` and `url_base`. For a module fixture to `yield from`."""
+    with live_server(model_dir) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function(f"document.getElementById('model').textContent === '{model_dir.name}'")
+        page.model_dir, page.url_base = model_dir, url
+        yield page
+        page.close()
+
+
 @pytest.fixture(scope="module")
 def page(browser, tmp_path_factory):
     from gptkit.tasks import get_task
@@ -46,13 +59,7 @@ def page(browser, tmp_path_factory):
     # a long context, so that a 1,000-token answer is still running when Stop is pressed
     model_dir = make_model_dir(tmp_path_factory.mktemp("playground") / "tiny", block_size=1024)
     (model_dir / "gptkit_task.json").write_text(json.dumps(get_task("summarize").to_dict()))
-    with live_server(model_dir) as url:
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_function("document.getElementById('model').textContent === 'tiny'")
-        page.model_dir, page.url_base = model_dir, url
-        yield page
-        page.close()
+    yield from open_playground(browser, model_dir)
 
 
 def generate(page, expected: str) -> int:
@@ -148,13 +155,7 @@ def chat_page(browser, tmp_path_factory):
         model.transformer.wte.weight[new.start:, 0] = -100.0
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    with live_server(model_dir) as url:
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_function("document.getElementById('model').textContent === 'talker'")
-        page.model_dir, page.url_base = model_dir, url
-        yield page
-        page.close()
+    yield from open_playground(browser, model_dir)
 
 
 def greedy_answer(model_dir, messages: list[dict], max_new_tokens: int) -> str:
