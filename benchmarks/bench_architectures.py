@@ -144,15 +144,8 @@ def training_table(args: argparse.Namespace, root: Path) -> None:
         best = best_rate(variants, args.rounds)
         print(f"\ntraining tokens/s, {shape_name} shape ({shape['n_layer']} x {shape['n_embd']}, "
               f"block {shape['block_size']}, vocab {shape['vocab_size']}, batch {batch}), fp32")
-        modes = ["eager", *(["compile"] if args.compile else [])]
-        head = f"{'arch':9}" + "".join(f"{m:>12} {'vs gpt2':>8}" for m in modes) + \
-            f"{'transformers':>14} {'ratio':>7}"
-        print(head + "\n" + "-" * len(head))
-        for arch in ARCHS:
-            cells = "".join(f"{best[f'{arch} {m}']:12,.0f} {best[f'{arch} {m}'] / best[f'gpt2 {m}']:7.2f}x"
-                            for m in modes)
-            peer = best[f"{arch} transformers"]
-            print(f"{arch:9}{cells}{peer:14,.0f} {best[f'{arch} eager'] / peer:6.2f}x")
+        print_table(best, ["eager", *(["compile"] if args.compile else [])], width=12,
+                    digits=0, compared=["eager"])
 
 
 def decode_table(args: argparse.Namespace, root: Path) -> None:
@@ -171,15 +164,22 @@ def decode_table(args: argparse.Namespace, root: Path) -> None:
     print(f"\ngreedy decode tokens/s, batch 1 ({shape['n_layer']} x {shape['n_embd']}, vocab "
           f"{shape['vocab_size']}), fp32, {args.new} new tokens after 16")
     modes = ["fast", *(["compiled"] if args.compile else [])]
-    head = f"{'arch':9}" + "".join(f"{'gptkit ' + m:>16} {'vs gpt2':>8}" for m in modes) + \
+    print_table(best, modes, width=16, digits=1, label="gptkit ",
+                compared=modes)
+
+
+def print_table(best: dict[str, float], modes: list[str], width: int, digits: int,
+                compared: list[str], label: str = "") -> None:
+    """One row per family: each mode's rate and its ratio to GPT-2's, transformers' rate,
+    and the ratio to it of the best gptkit rate among the `compared` modes."""
+    head = f"{'arch':9}" + "".join(f"{label + m:>{width}} {'vs gpt2':>8}" for m in modes) + \
         f"{'transformers':>14} {'ratio':>7}"
     print(head + "\n" + "-" * len(head))
     for arch in ARCHS:
-        cells = "".join(f"{best[f'{arch} {m}']:16,.1f} {best[f'{arch} {m}'] / best[f'gpt2 {m}']:7.2f}x"
-                        for m in modes)
+        cells = "".join(f"{best[f'{arch} {m}']:{width},.{digits}f} "
+                        f"{best[f'{arch} {m}'] / best[f'gpt2 {m}']:7.2f}x" for m in modes)
         peer = best[f"{arch} transformers"]
-        top = max(best[f"{arch} {m}"] for m in modes)
-        print(f"{arch:9}{cells}{peer:14,.1f} {top / peer:6.2f}x")
+        print(f"{arch:9}{cells}{peer:14,.{digits}f} {max(best[f'{arch} {m}'] for m in compared) / peer:6.2f}x")
 
 
 def main() -> None:
