@@ -34,19 +34,27 @@ NODE_SCRIPT = REPO / "tests" / "llamacpp" / "llamacpp.mjs"
 PROMPT = "The meaning of a word is its use in the language, and"
 
 
-def export_figures(root: Path) -> None:
+def random_model_dir(directory: Path, preset: str, tokenizer) -> int:
+    """A model of `preset` with seeded random weights and `tokenizer`, saved in `directory`;
+    returns its number of parameters."""
     import torch
 
-    from gptkit import GPT, GPTConfig, Tokenizer
+    from gptkit import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset(preset, vocab_size=tokenizer.vocab_size,
+                                      eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model.num_params()
+
+
+def export_figures(root: Path) -> None:
+    from gptkit import Tokenizer
     from gptkit.export.gguf import export_gguf
 
-    tokenizer = Tokenizer.from_pretrained(REPO / "data" / "gpt2-tokenizer")
-    torch.manual_seed(0)
-    config = GPTConfig.from_preset("gpt2", vocab_size=tokenizer.vocab_size,
-                                   eos_token_id=tokenizer.eos_token_id)
     model_dir = root / "gpt2-124m"
-    GPT(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    random_model_dir(model_dir, "gpt2", Tokenizer.from_pretrained(REPO / "data" / "gpt2-tokenizer"))
     source = (model_dir / "model.safetensors").stat().st_size
     print(f"GPT-2 124M-shaped, random weights: model.safetensors {source / 1e6:.1f} MB")
     sizes = {}
@@ -65,9 +73,8 @@ def export_figures(root: Path) -> None:
 
 
 def speed_figures(root: Path, tokens: int, repeats: int) -> None:
-    import torch
 
-    from gptkit import GPT, GPTConfig, Tokenizer
+    from gptkit import Tokenizer
     from gptkit.export.gguf import export_gguf
 
     llamacpp = Path(os.environ.get("GPTKIT_LLAMACPP_DIR") or REPO / ".cache" / "llamacpp")
@@ -77,14 +84,10 @@ def speed_figures(root: Path, tokens: int, repeats: int) -> None:
                  "GPTKIT_LLAMACPP_DIR.")
     text = (REPO / "data" / "shakespeare" / "input.txt").read_text(encoding="utf-8")
     tokenizer = Tokenizer.train(texts=[text], vocab_size=8192)
-    torch.manual_seed(0)
-    config = GPTConfig.from_preset("small", vocab_size=tokenizer.vocab_size,
-                                   eos_token_id=tokenizer.eos_token_id)
     model_dir = root / "small"
-    GPT(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    parameters = random_model_dir(model_dir, "small", tokenizer)
     prompt = tokenizer.encode(PROMPT)
-    print(f"\n`small` preset ({sum(p.numel() for p in GPT(config).parameters()) / 1e6:.1f}M "
+    print(f"\n`small` preset ({parameters / 1e6:.1f}M "
           f"parameters, vocab {tokenizer.vocab_size}), {len(prompt)}-token prompt, {tokens} "
           f"greedy tokens, load average {os.getloadavg()[0]:.1f}")
 
