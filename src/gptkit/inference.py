@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -103,16 +102,17 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
                       stacklevel=2)
         dtype = torch.float32
     model.eval()
-    packed = (device.type == "cpu" and batch_size > 1 and quantize is None and not compile
-              and torch.backends.mkldnn.is_available())
-    make = (partial(_packed, dtype=dtype, batch_size=batch_size) if packed
-            else _linear_factory(dtype, quantize, device, compile))
+    # a serving engine's decode steps carry many rows: weights packed for that many
+    packed_rows = (batch_size if device.type == "cpu" and batch_size > 1 and not compile
+                   and torch.backends.mkldnn.is_available() else None)
+    make = _linear_factory(dtype, quantize, device, compile, packed_rows)
     for block in model.transformer.h:
         for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
                              (block.mlp, "c_fc"), (block.mlp, "c_proj")):
             setattr(parent, name, make(getattr(parent, name)))
     # the head gets its own copy, untied from the embedding
-    tiled = device.type == "cpu" and dtype == torch.float32 and quantize is None and not packed
+    tiled = (device.type == "cpu" and dtype == torch.float32 and quantize is None
+             and packed_rows is None)
     model.lm_head = TiledLinear(model.lm_head.weight) if tiled else make(model.lm_head)
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
@@ -123,13 +123,10 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
     return model
 
 
-def _packed(linear: nn.Linear, dtype: torch.dtype, batch_size: int) -> OneDnnLinear:
-    return OneDnnLinear(linear.weight, linear.bias, dtype, batch_size)
-
-
 def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.device,
-                    compile: bool) -> Callable[[nn.Linear], nn.Module]:
-    """The function that turns one nn.Linear into its fast counterpart."""
+                    compile: bool, packed_rows: int | None) -> Callable[[nn.Linear], nn.Module]:
+    """The function that turns one nn.Linear into its fast counterpart; `packed_rows`:
+    pack CPU weights for products of that many rows."""
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(dtype)
 
@@ -141,8 +138,8 @@ def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.devi
         return lambda lin: plain_linear(cast(lin.weight), cast(lin.bias))
     if compile:
         return lambda lin: RowLinear(cast(lin.weight), cast(lin.bias))
-    if dtype == torch.bfloat16:
-        return lambda lin: OneDnnLinear(lin.weight, lin.bias)
+    if dtype == torch.bfloat16 or packed_rows is not None:
+        return lambda lin: OneDnnLinear(lin.weight, lin.bias, dtype, packed_rows or 1)
     return lambda lin: TransposedLinear(cast(lin.weight), cast(lin.bias))
 
 
