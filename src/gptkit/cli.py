@@ -61,108 +61,63 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate text from a prompt, streaming it to the terminal."""
     from gptkit.checkpoint import resolve_model_dir
-    from gptkit.generate import beam_texts, stream_generate
-
-    if args.show_probs:
-        return generate_with_probs(args)
-    if args.task or args.input:
-        return generate_for_task(args)
-    if args.prompt is None:
-        raise GptkitError("gptkit generate needs a prompt: pass it as an argument.")
-    model, tokenizer = load_generation_model(args, resolve_model_dir(args.model))
-    draft = (load_generation_model(args, resolve_model_dir(args.draft_model))[0]
-             if args.draft_model else None)
-    if args.num_beams > 1:
-        texts = beam_texts(model, tokenizer, args.prompt, num_beams=args.num_beams,
-                           num_return_sequences=args.num_return_sequences,
-                           max_new_tokens=args.max_new_tokens,
-                           repetition_penalty=args.repetition_penalty)
-        print(("\n" + "-" * 40 + "\n").join(texts))
-        return
-    for index in range(args.num_return_sequences):
-        if index:
-            print("\n" + "-" * 40)
-        seed = None if args.seed is None else args.seed + index
-        pieces = stream_generate(  # checks every setting before anything is printed
-            model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-            repetition_penalty=args.repetition_penalty, stop=args.stop, draft_model=draft,
-            **sampling_flags(args, seed))
-        print(args.prompt, end="", flush=True)
-        for piece in pieces:
-            print(piece, end="", flush=True)
-        print()
-
-
-def sampling_flags(args: argparse.Namespace, seed: int | None) -> dict[str, Any]:
-    """Sampling settings from the flags; none at all with --greedy (nothing to ignore)."""
-    if args.greedy:
-        return {}
-    return dict(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=seed)
-
-
-def load_generation_model(args: argparse.Namespace, directory: Any) -> tuple[Any, Any]:
-    """The model of a resolved directory in the fast decoding layout that --dtype,
-    --quantize and --compile ask for."""
+    from gptkit.explain import check_show_probs_settings, show_probs
+    from gptkit.generate import print_generations
     from gptkit.inference import load_directory
-    from gptkit.runtime import DTYPES
+    from gptkit.tasks import read_task_inputs, run_task
 
-    return load_directory(directory, args.device, DTYPES[args.dtype], fast=True,
-                              quantize=args.quantize, compile=args.compile)
-
-
-def generate_with_probs(args: argparse.Namespace) -> None:
-    """`generate --show-probs`: each step's top candidates (greedy or sampled at temperature)."""
-    from gptkit.explain import show_probs
-    from gptkit.inference import load_for_inference
-
-    unsupported = [flag for flag, used in (
-        ("--task/--input", args.task or args.input), ("--top-k", args.top_k is not None),
-        ("--top-p", args.top_p is not None),
-        ("--repetition-penalty", args.repetition_penalty != 1.0),
-        ("--stop", args.stop), ("--num-return-sequences", args.num_return_sequences != 1)) if used]
-    if unsupported:
-        raise GptkitError(f"--show-probs does not combine with {', '.join(unsupported)}; it shows "
-                          "greedy choices or draws at --temperature only.")
-    if args.prompt is None:
+    sampling = sampling_from(args)  # every option is checked before anything is printed
+    if args.show_probs:
+        check_show_probs_settings(vars(args))
+    if args.prompt is None and not (args.task or args.input):
         raise GptkitError("gptkit generate needs a prompt: pass it as an argument.")
-    model, tokenizer = load_for_inference(args.model, args.device)
-    show_probs(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, top=args.top,
-               do_sample=not args.greedy, temperature=args.temperature, seed=args.seed)
-
-
-def generate_for_task(args: argparse.Namespace) -> None:
-    """`generate --task/--input`: one output per input, formatted with the task template."""
-    from gptkit.checkpoint import resolve_model_dir
-    from gptkit.tasks import load_task, read_inputs, run_task
-
     directory = resolve_model_dir(args.model)
-    spec = load_task(directory, args.task)
-    if (args.prompt is None) == (args.input is None):
-        raise GptkitError("gptkit generate --task needs exactly one of a prompt argument or --input.")
-    if args.num_return_sequences != 1:
-        raise GptkitError("--num-return-sequences works with plain prompts only, not --task/--input.")
-    examples = read_inputs(args.input if args.input is not None else args.prompt, spec)
-    model, tokenizer = load_generation_model(args, directory)
-    sampling = sampling_flags(args, args.seed)
-    outputs = run_task(model, tokenizer, spec, examples, max_new_tokens=args.max_new_tokens,
-                       repetition_penalty=args.repetition_penalty, stop=args.stop, **sampling)
-    for output in outputs:
-        print(output)
+    if args.show_probs:
+        model, tokenizer = load_directory(directory, args.device)
+        show_probs(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, top=args.top,
+                   do_sample=not args.greedy, temperature=args.temperature, seed=args.seed)
+    elif args.task or args.input:
+        spec, examples = read_task_inputs(directory, args.task, args.prompt, args.input)
+        model, tokenizer = load_directory(directory, **speed_from(args))
+        print(*run_task(model, tokenizer, spec, examples, max_new_tokens=args.max_new_tokens,
+                        stop=args.stop, num_return_sequences=args.num_return_sequences,
+                        **sampling), sep="\n")
+    else:
+        model, tokenizer = load_directory(directory, **speed_from(args))
+        draft = (load_directory(resolve_model_dir(args.draft_model), **speed_from(args))[0]
+                 if args.draft_model else None)
+        print_generations(model, tokenizer, args.prompt, sampling=sampling,
+                          num_return_sequences=args.num_return_sequences,
+                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                          stop=args.stop, draft_model=draft)
+
+
+def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate`'s sampling arguments for --greedy, --temperature, ... (checked)."""
+    from gptkit.generate import sampling_settings
+
+    return sampling_settings(greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                             seed=args.seed)
+
+
+def speed_from(args: argparse.Namespace) -> dict[str, Any]:
+    """`inference.load_directory`'s arguments for --device and the speed flags."""
+    return dict(device=args.device, dtype=args.dtype, fast=True, quantize=args.quantize,
+                compile=args.compile)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a model for a task on a JSONL file, fully or with LoRA."""
     from gptkit.config import FinetuneOptions, TrainConfig
-    from gptkit.finetune import DEFAULT_EPOCHS, finetune
+    from gptkit.finetune import choose_epochs, finetune
 
-    if args.epochs is not None and hasattr(args, "max_steps"):
-        raise GptkitError("Pass either --epochs or --max-steps, not both.")
-    epochs = DEFAULT_EPOCHS if args.epochs is None and not hasattr(args, "max_steps") else args.epochs
     options = FinetuneOptions(
         task=args.task, val=args.val, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, epochs=epochs, save_adapter=args.save_adapter,
-        prompt_field=args.prompt_field, target_field=args.target_field, pack=args.pack)
+        lora_dropout=args.lora_dropout,
+        epochs=choose_epochs(args.epochs, getattr(args, "max_steps", None)),
+        save_adapter=args.save_adapter, prompt_field=args.prompt_field,
+        target_field=args.target_field, pack=args.pack)
     cfg = train_config_from_args(args, TrainConfig)
     cfg.init_from, cfg.finetune = args.model, options
     result = finetune(cfg)
@@ -194,12 +149,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
     """Talk with a model in the terminal: streamed answers, history, /reset, /system, /save."""
     from gptkit.chat import ChatSession, chat_in_terminal
     from gptkit.checkpoint import resolve_model_dir
+    from gptkit.inference import load_directory
 
-    directory = resolve_model_dir(args.model)
-    model, tokenizer = load_generation_model(args, directory)
-    sampling = sampling_flags(args, args.seed)
-    if args.repetition_penalty != 1.0:
-        sampling["repetition_penalty"] = args.repetition_penalty
+    sampling = sampling_from(args)
+    model, tokenizer = load_directory(resolve_model_dir(args.model), **speed_from(args))
     session = ChatSession(model, tokenizer, system=args.system,
                           max_new_tokens=args.max_new_tokens, sampling=sampling)
     chat_in_terminal(session, args.model)
@@ -253,15 +206,18 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
                         skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per field, with its help line; defaults are suppressed so a config file
-    can fill them."""
+    """One `--flag` per field, with its help line and one note of its default (none for
+    an unset one, or where the help line speaks of it); defaults are suppressed so a
+    config file can fill them."""
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
         default = f.default if f.default is not MISSING else None
-        text = f"{helps.get(f.name, '')} (default: {default})".lstrip()
+        text = helps[f.name]
+        if default not in (None, "", False) and "default" not in text:
+            text += f" (default: {default})"
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
@@ -311,14 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo)
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: 4)")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
 
     tok = sub.add_parser("tokenizer", help="Train tokenizers.", description="Train tokenizers.")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     p = command("train", cmd_tokenizer_train, tok_sub)
     p.add_argument("files", nargs="+", help="text files or directories")
-    p.add_argument("--vocab-size", type=positive_int, default=8192)
-    p.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    p.add_argument("--vocab-size", type=positive_int, default=8192,
+                   help="tokens in the vocabulary, the 256 bytes included for bpe (default: 8192)")
+    p.add_argument("--kind", choices=["bpe", "char"], default="bpe",
+                   help="bpe: byte-level BPE, as GPT-2; char: one token per character "
+                        "(default: bpe)")
     p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
     p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
 
@@ -326,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help=".txt/.md/.jsonl files or directories")
     p.add_argument("--tokenizer", required=True, help="tokenizer or model directory")
     p.add_argument("--out", required=True, help="data directory to write")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the tokens held out for validation (default: 0.1)")
     p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
 
     from gptkit.config import TRAIN_HELP, TrainConfig
@@ -344,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation JSONL file (loss at each --eval-interval)")
     p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (default: all weights)")
     p.add_argument("--lora-alpha", type=float, help="LoRA scale numerator (default: 2 x rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="dropout on the LoRA adapters' input in training (default: 0)")
     p.add_argument("--save-adapter", action="store_true",
                    help="also write the LoRA adapters in peft format to OUT/adapter")
     p.add_argument("--epochs", type=float,
@@ -355,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "context)")
     add_task_field_flags(p)
     # the model's shape comes from --model; fine-tuning runs in one process (no FSDP)
-    add_dataclass_flags(p, TrainConfig, TRAIN_HELP, skip=(
+    finetune_help = {**TRAIN_HELP, "max_steps": "optimizer steps to train for, instead of "
+                                                "--epochs (default: --epochs decides)"}
+    add_dataclass_flags(p, TrainConfig, finetune_help, skip=(
         "data", "init_from", "preset", "n_layer", "n_head", "n_embd", "fsdp", "finetune"))
 
     p = command("generate", cmd_generate)
@@ -368,11 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidates shown per step with --show-probs (default: 5)")
 
     p = command("eval", cmd_eval)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model directory or hub name")
     p.add_argument("--data", required=True, help="a data directory (val split) or a text file")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--max-batches", type=positive_int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="sequences (or task examples) per batch (default: 8)")
+    p.add_argument("--max-batches", type=positive_int, default=None,
+                   help="score only this many batches (default: all)")
+    add_device_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--task", help="score generations for this task on a JSONL --data file "
                                   "(chat: conversations, scored on their last answer)")
@@ -389,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory or hub name")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("GPTKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $GPTKIT_API_KEY)")
     p.add_argument("--max-batch-size", type=positive_int, default=8,
                    help="requests decoded together in one batch (default: 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond the batch before answering 429 (default: 64)")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     add_speed_flags(p)
 
     p = command("plot", cmd_plot)
@@ -414,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=0, help="layer, from 0 (default: 0)")
     p.add_argument("--head", type=int, default=0, help="head, from 0 (default: 0)")
     p.add_argument("--out", default="attention.png", help="PNG file (default: attention.png)")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
 
     # --format and --dtype are checked by gptkit.export, so a wrong one is one sentence
     p = command("export", cmd_export)
@@ -432,6 +397,11 @@ def add_task_field_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-field", help="JSONL name of the task's target field")
 
 
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (default: auto, the fastest there is)")
+
+
 def add_speed_flags(p: argparse.ArgumentParser) -> None:
     """--dtype, --quantize and --compile: the fast decoding layouts (docs/performance.md)."""
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -444,37 +414,44 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
                         "(falls back with a warning if it fails)")
 
 
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """How the next token is chosen, for `generate` and `chat`."""
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="divide the logits by this before sampling: lower is more predictable "
+                        "(0: greedy; default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens that make up this much probability "
+                        "(nucleus sampling; default: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="make tokens already in the text less likely: above 1 penalizes "
+                        "(default: 1.0, none)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, for repeatable samples (default: a fresh one)")
+
+
 def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or hub name")
     p.add_argument("--system", help="system message of the conversation")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="longest answer in tokens (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 weights with per-channel scales")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    add_sampling_flags(p)
+    add_device_flag(p)
+    add_speed_flags(p)
 
 
 def add_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (or use --input)")
     p.add_argument("--model", required=True, help="model directory or hub name")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate at most (default: 100)")
+    add_sampling_flags(p)
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="continuations of the prompt to print, one after another (default: 1)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    p.add_argument("--device", default="auto")
+    add_device_flag(p)
     add_speed_flags(p)
     p.add_argument("--draft-model", help="smaller model directory for speculative decoding")
     p.add_argument("--num-beams", type=positive_int, default=1,

@@ -524,7 +524,8 @@ TRAIN_HELP = {
     "data": "prepared data directory (train.bin, val.bin, meta.json; see gptkit prepare)",
     "out": "run directory: checkpoints, metrics.jsonl, loss.png",
     "preset": "model size: tiny, small, gpt2, gpt2-medium, gpt2-large or gpt2-xl",
-    "arch": "architecture family: gpt2 (default), llama, qwen3 or nanochat (docs/architectures.md)",
+    "arch": "architecture family: gpt2, llama, qwen3 or nanochat (docs/architectures.md; "
+            "default: gpt2, or the --init-from model's own)",
     "n_kv_head": "key/value heads, for grouped-query attention (default: as many as --n-head)",
     "n_layer": "Transformer blocks (overrides the preset)",
     "n_head": "attention heads per block (overrides the preset)",
@@ -560,7 +561,7 @@ TRAIN_HELP = {
     "wandb_project": "the W&B project to log into",
     "resume": "continue the run in --out from its last checkpoint",
     "init_from": "start from this model directory (or hub name) instead of random weights",
-    "max_time": "seconds of training after which the run saves and stops",
+    "max_time": "seconds of training after which the run saves and stops (default: no limit)",
     "finetune": "fine-tuning options (set by gptkit finetune; a [finetune] table in TOML)",
 }
 

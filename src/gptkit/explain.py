@@ -14,14 +14,15 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 import torch
 
 from gptkit.errors import GptkitError
+from gptkit.generate import check_sampling
 from gptkit.model import GPT
 
 if TYPE_CHECKING:
@@ -59,6 +60,22 @@ def _prompt_ids(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]:
     return ids
 
 
+# `gptkit generate` settings that --show-probs does not apply, each with its unused value
+NOT_WITH_SHOW_PROBS = {"task": None, "input": None, "top_k": None, "top_p": None,
+                       "repetition_penalty": 1.0, "stop": None, "num_return_sequences": 1,
+                       "num_beams": 1, "draft_model": None}
+
+
+def check_show_probs_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse in one sentence the settings of `gptkit generate` (by their flags' names) that
+    --show-probs would ignore: it shows greedy choices or draws at a temperature only."""
+    unsupported = ["--" + name.replace("_", "-") for name, unused in NOT_WITH_SHOW_PROBS.items()
+                   if settings.get(name, unused) != unused]
+    if unsupported:
+        raise GptkitError(f"--show-probs does not combine with {', '.join(unsupported)}; it shows "
+                          "greedy choices or draws at --temperature only.")
+
+
 def explain_steps(model: GPT, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 20,
                   top: int = 5, do_sample: bool = False, temperature: float = 1.0,
                   seed: int | None = None) -> Iterator[StepProbs]:
@@ -67,15 +84,21 @@ def explain_steps(model: GPT, tokenizer: Tokenizer, prompt: str, *, max_new_toke
     Probabilities are `softmax(logits / temperature)` when sampling (the distribution the
     token is drawn from) and `softmax(logits)` when greedy (temperature 0 is greedy). The
     window slides over the last `block_size` tokens; generation ends at end-of-text.
+    The arguments are checked at the call, before the first step, as `generate` checks them.
     """
-    if temperature < 0:
-        raise GptkitError(f"temperature must be >= 0; got {temperature}.")
+    # the temperature is checked even when greedy, without greedy decoding's warning
+    check_sampling(do_sample=True, temperature=temperature, seed=seed)
     if max_new_tokens < 1 or top < 1:
         raise GptkitError("max_new_tokens and top must be at least 1.")
-    sampling = do_sample and temperature > 0
+    ids = _prompt_ids(tokenizer, prompt, model.config.block_size)
+    return _steps(model, tokenizer, ids, max_new_tokens, top, do_sample and temperature > 0,
+                  temperature, seed)
+
+
+def _steps(model: GPT, tokenizer: Tokenizer, ids: list[int], max_new_tokens: int, top: int,
+           sampling: bool, temperature: float, seed: int | None) -> Iterator[StepProbs]:
     device = model.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    ids = _prompt_ids(tokenizer, prompt, model.config.block_size)
     model.eval()
     with torch.inference_mode():
         for _ in range(max_new_tokens):
@@ -106,10 +129,10 @@ def show_probs(model: GPT, tokenizer: Tokenizer, prompt: str, *, max_new_tokens:
     `explain_steps` for the arguments."""
     file = file or sys.stdout
     steps = []
+    explained = explain_steps(model, tokenizer, prompt, max_new_tokens=max_new_tokens, top=top,
+                              do_sample=do_sample, temperature=temperature, seed=seed)
     print(f"{'step':>4}  {'chosen':<14} {'p':>6}   top {top} candidates", file=file)
-    for number, step in enumerate(explain_steps(
-            model, tokenizer, prompt, max_new_tokens=max_new_tokens, top=top,
-            do_sample=do_sample, temperature=temperature, seed=seed), start=1):
+    for number, step in enumerate(explained, start=1):
         steps.append(step)
         candidates = "  ".join(f"{c.text!r} {c.prob:.1%}" for c in step.top)
         print(f"{number:>4}  {step.chosen.text!r:<14} {step.chosen.prob:>6.1%}   {candidates}",

@@ -66,6 +66,14 @@ Encoded = tuple[list[int], list[int]]  # token ids, labels (IGNORE_INDEX on the 
 
 # -- the run -------------------------------------------------------------------------------
 
+def choose_epochs(epochs: float | None, max_steps: int | None) -> float | None:
+    """How many epochs a run trains for: `epochs`, else DEFAULT_EPOCHS unless `max_steps`
+    ends the run instead (None). One of them decides, so giving both is refused."""
+    if epochs is not None and max_steps is not None:
+        raise GptkitError("Pass either --epochs or --max-steps, not both.")
+    return DEFAULT_EPOCHS if epochs is None and max_steps is None else epochs
+
+
 def finetune(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     """`gptkit finetune`: train `cfg.init_from` on the task JSONL `cfg.data` into `cfg.out`.
 

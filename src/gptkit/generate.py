@@ -310,6 +310,11 @@ def check_sampling(*, do_sample: bool = False, temperature: float = 1.0, top_k: 
         raise GptkitError(f"seed must be an integer; got {seed!r}.")
 
 
+def _check_count(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise GptkitError(f"{name} must be an integer >= 1; got {value!r}.")
+
+
 def _make_generator(seed: int | None, generator: torch.Generator | None,
                     device: torch.device) -> torch.Generator | None:
     if seed is None:
@@ -510,9 +515,8 @@ def generate(
         raise GptkitError(
             "stop strings need pad_token_id (or eos_token_id) to pad rows that stop early."
         )
-    for name, value in (("num_return_sequences", num_return_sequences), ("num_beams", num_beams)):
-        if not _is_int(value) or value < 1:
-            raise GptkitError(f"{name} must be an integer >= 1; got {value!r}.")
+    _check_count("num_return_sequences", num_return_sequences)
+    _check_count("num_beams", num_beams)
     sampling = Sampling(do_sample and temperature > 0, temperature, top_k, top_p,
                         repetition_penalty, _make_generator(seed, generator, device))
     if num_beams > 1:
@@ -687,16 +691,72 @@ def _text_pieces(tokens: Iterator[torch.Tensor], text: TextStream, eos: set[int]
 
 
 def beam_texts(model: GPT, tokenizer: TextCodec, prompt: str, *, num_beams: int,
-               num_return_sequences: int = 1, max_new_tokens: int | None = None,
-               repetition_penalty: float = 1.0) -> list[str]:
+               num_return_sequences: int = 1, **settings: Any) -> list[str]:
     """Beam search on one text prompt: the `num_return_sequences` best whole texts (prompt
-    included, eos dropped), best first."""
+    included, eos dropped), best first. `settings` are more of `generate`'s arguments
+    (max_new_tokens, repetition_penalty, ...); it refuses those beam search cannot honour."""
     ids = torch.tensor([tokenizer.encode(prompt)])
-    out = generate(model, ids, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                   num_return_sequences=num_return_sequences,
-                   repetition_penalty=repetition_penalty, tokenizer=tokenizer)
+    out = generate(model, ids, num_beams=num_beams, num_return_sequences=num_return_sequences,
+                   tokenizer=tokenizer, **settings)
     eos = model.config.eos_token_id
     return [tokenizer.decode([t for t in row if t != eos]) for row in out.tolist()]
+
+
+# -- the generate command ------------------------------------------------------------------
+
+SEPARATOR = "-" * 40  # the line between the sequences `gptkit generate` prints
+
+
+def sampling_settings(*, greedy: bool, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, repetition_penalty: float = 1.0,
+                      seed: int | None = None) -> dict[str, Any]:
+    """`generate`'s sampling arguments for the command line's flags.
+
+    Every value is checked, even those `greedy` leaves unused, so a bad one is refused
+    rather than ignored. Greedy gives no sampling arguments at all: the flags' defaults
+    (temperature 0.8) would otherwise warn that greedy decoding ignores them.
+    """
+    check_sampling(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, seed=seed)
+    settings: dict[str, Any] = {} if greedy else dict(
+        do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if repetition_penalty != 1.0:
+        settings["repetition_penalty"] = repetition_penalty
+    return settings
+
+
+def print_generations(model: GPT, tokenizer: TextCodec, prompt: str, *, sampling: dict[str, Any],
+                      num_return_sequences: int = 1, num_beams: int = 1,
+                      max_new_tokens: int | None = None, stop: list[str] | None = None,
+                      draft_model: GPT | None = None) -> None:
+    """What `gptkit generate PROMPT` prints: each sequence streamed as it is generated, or
+    with `num_beams` > 1 the best whole texts of beam search (greedy: it ignores the
+    sampling settings but their repetition penalty), with a line between sequences.
+
+    Every setting is checked before the first character is printed. With a seed, sequence
+    i draws with seed + i, so the sequences differ and a run can be repeated.
+    """
+    _check_count("num_return_sequences", num_return_sequences)
+    if num_beams > 1:
+        texts = beam_texts(model, tokenizer, prompt, num_beams=num_beams,
+                           num_return_sequences=num_return_sequences,
+                           max_new_tokens=max_new_tokens, stop=stop, draft_model=draft_model,
+                           repetition_penalty=sampling.get("repetition_penalty", 1.0))
+        print(f"\n{SEPARATOR}\n".join(texts))
+        return
+    for index in range(num_return_sequences):
+        if index:
+            print(f"\n{SEPARATOR}")
+        settings = dict(sampling)
+        if settings.get("seed") is not None:
+            settings["seed"] += index
+        pieces = stream_generate(  # checks every setting before anything is printed
+            model, tokenizer, prompt, max_new_tokens=max_new_tokens, stop=stop,
+            draft_model=draft_model, **settings)
+        print(prompt, end="", flush=True)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
 
 
 # -- beam search -----------------------------------------------------------------------------

@@ -35,14 +35,14 @@ from gptkit.kernels.linear import (
     plain_linear,
 )
 from gptkit.model import GPT
-from gptkit.runtime import pick_device
+from gptkit.runtime import pick_device, pick_dtype
 from gptkit.tokenizer import Tokenizer
 
 QUANTIZE_CHOICES = ("int8",)
 
 
 def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
-                       dtype: torch.dtype | None = None, *, fast: bool = False,
+                       dtype: torch.dtype | str | None = None, *, fast: bool = False,
                        quantize: str | None = None, compile: bool = False
                        ) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer, in eval mode on the chosen device.
@@ -50,22 +50,26 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
     With `fast` (implied by `quantize` or `compile`) the model is put into the fast
     decoding layout of `optimize_for_inference` (dtype float32 unless given;
     int8 weights are quantized from the checkpoint's full-precision ones); it can then
-    generate but no longer be trained or saved.
+    generate but no longer be trained or saved. `dtype` may be named ("bfloat16"), as
+    the --dtype flags name it.
     """
     return load_directory(checkpoint.resolve_model_dir(name_or_dir), device, dtype, fast=fast,
                           quantize=quantize, compile=compile)
 
 
-def load_directory(directory: Path, device: str | None = "auto", dtype: torch.dtype | None = None,
-                   *, fast: bool = False, quantize: str | None = None, compile: bool = False,
+def load_directory(directory: Path, device: str | None = "auto",
+                   dtype: torch.dtype | str | None = None, *, fast: bool = False,
+                   quantize: str | None = None, compile: bool = False,
                    batch_size: int = 1) -> tuple[GPT, Tokenizer]:
     """`load_for_inference` for a directory the caller already resolved (with
     `checkpoint.resolve_model_dir`) because it reads other files of it too; `batch_size`
     is that of `optimize_for_inference`."""
     fast = fast or quantize is not None or compile
+    chosen = pick_device(device)
+    if isinstance(dtype, str):
+        dtype = pick_dtype(dtype, chosen)
     config, state = checkpoint.load(directory)
-    model = GPT.from_state_dict(config, state, device=pick_device(device),
-                                dtype=None if fast else dtype)
+    model = GPT.from_state_dict(config, state, device=chosen, dtype=None if fast else dtype)
     if fast:
         optimize_for_inference(model, dtype=dtype or torch.float32, quantize=quantize,
                                compile=compile, batch_size=batch_size)

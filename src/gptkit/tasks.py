@@ -298,6 +298,16 @@ def read_inputs(value: str, spec: TaskSpec) -> list[Example]:
     return as_examples(value, spec)
 
 
+def read_task_inputs(model_dir: str | Path, task: str | None, prompt: str | None,
+                     input: str | None) -> tuple[TaskSpec, list[Example]]:
+    """`gptkit generate --task/--input`: the template to run and the inputs to run it on,
+    from exactly one of the prompt argument or --input; read before the model loads."""
+    spec = load_task(model_dir, task)
+    if (prompt is None) == (input is None):
+        raise GptkitError("gptkit generate --task needs exactly one of a prompt argument or --input.")
+    return spec, read_inputs(input if input is not None else prompt, spec)
+
+
 # -- running a task -----------------------------------------------------------------------
 
 def run_task(model: GPT, tokenizer: Tokenizer, task: TaskSpec | str,
@@ -322,6 +332,8 @@ def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
 
     from gptkit.generate import generate
 
+    if generate_kwargs.get("num_return_sequences", 1) != 1:  # one output per prompt
+        raise GptkitError("--num-return-sequences works with plain prompts only, not --task/--input.")
     if not prompts:
         return []
     keep = model.config.block_size - max_new_tokens
