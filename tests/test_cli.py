@@ -152,3 +152,25 @@ def test_readme_shows_every_subcommand():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in commands:
         assert f"gptkit {name}" in readme, f"README.md shows no `gptkit {name}` example"
+
+
+def _actions(parser, command: str = "gptkit"):
+    """(command, action) for every argument of every (sub)command."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{command} {name}")
+        else:
+            yield command, action
+
+
+def test_every_flag_has_one_help_line_with_at_most_one_default_note():
+    from gptkit.cli import build_parser
+
+    for command, action in _actions(build_parser()):
+        name = f"{command} {'/'.join(action.option_strings) or action.dest}"
+        assert action.help and action.help.strip(), f"{name} has no help text"
+        assert action.help.count("default") <= 1, f"{name}: {action.help}"
+        assert "(default: )" not in action.help and "default: None" not in action.help, name
