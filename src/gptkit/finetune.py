@@ -50,6 +50,7 @@ from gptkit.tokenizer import Tokenizer
 from gptkit.train import (
     LoopResult,
     build_model,
+    check_extras,
     check_run_dir,
     run_loop,
     tokenizer_files,
@@ -81,6 +82,7 @@ def finetune(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     is replaced by the number of steps `epochs` take when that is set. Under torchrun
     each process trains on its share of every batch (DDP), as `gptkit train` does.
     """
+    check_extras(cfg)
     return distributed.launch(_finetune, cfg, progress)
 
 

@@ -8,6 +8,7 @@ val_loss; events (skipped non-finite steps, loss spikes) an "event" name.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -88,15 +89,24 @@ class RunLog:
             sink.close()
 
 
+EXTRA_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}  # by flag
+
+
+def require_extra(name: str) -> Any:
+    """The module behind --`name`, an optional extra, or the one sentence that says how to
+    install it; a run calls this before it prints or creates anything."""
+    try:
+        return importlib.import_module(EXTRA_MODULES[name])
+    except ImportError:
+        raise GptkitError(f"--{name} needs the {name} package, an optional extra; install it "
+                          f"with `pip install 'gptkit[{name}]'`.") from None
+
+
 class TensorBoardSink:
     """Scalars into run_dir/tensorboard (the `tensorboard` extra)."""
 
     def __init__(self, run_dir: Path) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise GptkitError(_missing_extra("tensorboard")) from None
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer = require_extra("tensorboard").SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, step: int, scalars: dict[str, float], is_eval: bool) -> None:
         for name, value in scalars.items():
@@ -112,10 +122,7 @@ class WandbSink:
     key is configured."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise GptkitError(_missing_extra("wandb")) from None
+        wandb = require_extra("wandb")
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         if mode == "offline":
             print("wandb: no WANDB_API_KEY, logging offline into the run directory", file=sys.stderr)
@@ -127,8 +134,3 @@ class WandbSink:
 
     def close(self) -> None:
         self.run.finish()
-
-
-def _missing_extra(name: str) -> str:
-    return (f"--{name} needs the {name} package, an optional extra; install it with "
-            f"`pip install 'gptkit[{name}]'`.")

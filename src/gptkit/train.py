@@ -33,7 +33,7 @@ from gptkit.evaluate import lm_loss
 from gptkit.model import GPT
 from gptkit.optim import apply_schedule, make_optimizer
 from gptkit.plot import LivePlot
-from gptkit.runlog import RunLog, Sink, TensorBoardSink, WandbSink
+from gptkit.runlog import EXTRA_MODULES, RunLog, Sink, TensorBoardSink, WandbSink, require_extra
 from gptkit.runtime import autocast, pick_device, pick_dtype
 from gptkit.sft import batch_on
 
@@ -423,7 +423,16 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
 
 def train(cfg: TrainConfig, progress: bool = True) -> LoopResult:
     """`gptkit train`: pretrain on a prepared data directory, writing a run directory."""
+    check_extras(cfg)
     return distributed.launch(_pretrain, cfg, progress)
+
+
+def check_extras(cfg: TrainConfig) -> None:
+    """Refuse a logger whose optional package is missing (--tensorboard, --wandb) before
+    the run prints anything or creates its directory."""
+    for name in EXTRA_MODULES:
+        if getattr(cfg, name):
+            require_extra(name)
 
 
 def _pretrain(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> LoopResult:
