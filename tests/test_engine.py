@@ -61,6 +61,21 @@ def test_prompts_joining_together_share_one_prefill_pass(loaded, model_dir, monk
     assert len(prefills) < len(prompts)
 
 
+def test_a_cache_gathers_rows_that_are_not_adjacent_and_scatters_them_back():
+    import torch
+
+    from gptkit.model import KVCache
+
+    full = KVCache.empty(4, 1, 6, 2, torch.float32, "cpu")
+    rows = torch.tensor([0, 2])
+    part = full.gather(rows, 4)
+    part.update(torch.arange(4), torch.ones(2, 1, 4, 2), torch.full((2, 1, 4, 2), 2.0))
+    assert full.k.sum() == 0  # a copy: the cache changes only when it goes back
+    full.scatter(rows, part)
+    assert full.k[rows, :, :4].eq(1).all() and full.v[rows, :, :4].eq(2).all()
+    assert full.k[[1, 3]].sum() == full.k[:, :, 4:].sum() == 0
+
+
 def test_each_request_samples_with_its_own_seed(loaded):
     model, tokenizer = loaded
     ids = tokenizer.encode("hello", return_tensors="pt")

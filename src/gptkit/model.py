@@ -66,6 +66,17 @@ class KVCache(nn.Module):
         attention need not read slots no row has reached yet."""
         return KVCache(self.k[start:stop, :, :slots], self.v[start:stop, :, :slots])
 
+    def gather(self, rows: torch.Tensor, slots: int) -> KVCache:
+        """A copy of some rows (B,), adjacent or not, over the first `slots` slots: rows that
+        no view can share run a forward pass in it, then go back with `scatter`."""
+        return KVCache(self.k[rows, :, :slots], self.v[rows, :, :slots])
+
+    def scatter(self, rows: torch.Tensor, part: KVCache) -> None:
+        """Write `part`, a `gather` of `rows`, back into those rows."""
+        slots = part.k.size(2)
+        self.k[rows, :, :slots] = part.k
+        self.v[rows, :, :slots] = part.v
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hs) at slots `input_pos` and return the whole cache.

@@ -354,14 +354,12 @@ class Engine:
             self._use_rows(rows[0], rows[0] + 1, span)
         else:
             picked = torch.tensor(rows, device=self.device)
-            self.model.kv_caches = [KVCache(full.k[picked, :, :span], full.v[picked, :, :span])
-                                    for full in self._full_caches]
+            self.model.kv_caches = [full.gather(picked, span) for full in self._full_caches]
         self.model.hidden_states(torch.tensor(ids, device=self.device), position_ids=slots,
                                  input_pos=slots, attn_mask=self._causal[slots, :span][:, None])
         if len(rows) > 1:
             for full, part in zip(self._full_caches, self.model.kv_caches, strict=True):
-                full.k[picked, :, :span] = part.k
-                full.v[picked, :, :span] = part.v
+                full.scatter(picked, part)
         for index, _, stop in chunks:
             self._rows[index].filled = stop
 
