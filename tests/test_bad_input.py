@@ -27,6 +27,9 @@ class Case:
     call: Any  # cli: argv (with {tmp}/{model}/{data} placeholders); api: a function; http: request
     match: str  # regex the message must contain
     code: int  # CLI exit status, HTTP status, or 0 for a Python exception
+    out: str | None = None  # cli: what --out names, which a refusal must not create
+    param: str | None = None  # http: the error's "param" (the request field at fault)
+    error_code: str | None = None  # http: the error's "code"
 
 
 def write(path: Path, content: str | bytes) -> str:
@@ -38,6 +41,7 @@ def write(path: Path, content: str | bytes) -> str:
 def api_cases() -> list[Case]:
     from gptkit import GPT, GPTConfig, Tokenizer
     from gptkit.config import TrainConfig
+    from gptkit.conversation import prompt_ids
     from gptkit.generate import generate
 
     def tiny(env):
@@ -85,7 +89,35 @@ def api_cases() -> list[Case]:
              lambda env: generate(tiny(env), _ids(), num_beams=2, do_sample=True), r"num_beams", 0),
         Case("api", "min-lr above lr", lambda env: TrainConfig(lr=1e-4, min_lr=1e-3),
              r"min-lr", 0),
+        Case("api", "a chat prompt whose last message is not from the user",
+             lambda env: prompt_ids(*_chat(env), [_USER, _ANSWER]),
+             r"the last message is from the assistant; expected the user's message to answer", 0),
+        Case("api", "a ChatSession history ending with an unanswered user message",
+             lambda env: setattr(_session(env), "messages", [_USER]),
+             r"the session's history ends with a user message that has no answer", 0),
+        Case("api", "a ChatSession history with an unknown role",
+             lambda env: setattr(_session(env), "messages", [{"role": "bot", "content": "x"}]),
+             r"the session's history: messages\[0\]\.role is \"bot\"; expected one of system", 0),
     ]
+
+
+_USER, _ANSWER = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+
+
+def _chat(env):
+    from gptkit import Tokenizer
+    from gptkit.conversation import chat_format
+
+    tokenizer = Tokenizer.from_pretrained(env["model"])
+    return tokenizer, chat_format(tokenizer)
+
+
+def _session(env):
+    from gptkit import GPT, Tokenizer
+    from gptkit.chat import ChatSession
+
+    return ChatSession(GPT.from_pretrained(env["model"]), Tokenizer.from_pretrained(env["model"]),
+                       max_new_tokens=8)
 
 
 def _ids():
@@ -194,7 +226,8 @@ CLI_CASES = [
          ["eval", "--model", "{model}", "--data", "{tmp}/random.bin"], r"random.bin is not UTF-8 text", 2),
     *[Case("cli", f"chat data: {mistake}",
            ["finetune", "--model", "{model}", "--task", "chat", "--data", f"{{tmp}}/{name}.jsonl",
-            "--out", "{tmp}/chat-run"], match, 2) for mistake, name, match in [
+            "--out", "{tmp}/chat-run"], match, 2, out="{tmp}/chat-run")
+      for mistake, name, match in [
         ("a JSONL line that is not an object", "chat_list",
          r"chat_list.jsonl line 1 is a JSON list; expected an object with \"messages\""),
         ("a message with an unknown role", "chat_role",
@@ -203,44 +236,67 @@ CLI_CASES = [
          r"line 2: messages\[0\]\.content is a number; expected a string"),
         ("an empty messages list", "chat_empty", r"line 1: 'messages' is empty"),
         ("a conversation with no assistant turn", "chat_no_answer",
-         r"line 1 has no assistant turn"),
+         r"line 1 has no assistant turn; expected at least one"),
+    ]],
+    *[Case("cli", f"chat evaluation data: {mistake}",
+           ["eval", "--model", "{model}", "--task", "chat", "--data", f"{{tmp}}/{name}.jsonl",
+            "--out", "{tmp}/chat-preds.jsonl"], match, 2, out="{tmp}/chat-preds.jsonl")
+      for mistake, name, match in [
+        ("a message with an unknown role", "chat_role",
+         r"line 1: messages\[1\]\.role is \"robot\"; expected one of system, user, assistant"),
+        ("a conversation with no assistant turn", "chat_no_answer",
+         r"line 1 has no assistant turn; expected at least one"),
+        ("a user turn after the last assistant turn", "chat_unanswered",
+         r"line 2 ends with a user turn after its last assistant turn; expected a held-out "
+         r"conversation to end with the assistant turn"),
+        ("a last assistant turn that answers no user turn", "chat_no_question",
+         r"line 1: its last assistant turn follows a system turn; expected a user turn before it"),
     ]],
 ]
 
 
 HTTP_CASES = [
     Case("http", "temperature below 0",
-         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "temperature": -1}), r"temperature", 400),
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "temperature": -1}), r"temperature", 400,
+         param="temperature"),
     Case("http", "an unknown request field",
-         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "temprature": 1}), r"temprature", 400),
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "temprature": 1}), r"temprature", 400,
+         param="temprature"),
     Case("http", "max_tokens of 0",
-         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "max_tokens": 0}), r"max_tokens", 400),
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "max_tokens": 0}), r"max_tokens", 400,
+         param="max_tokens"),
     Case("http", "max_tokens beyond the context",
-         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "max_tokens": 10**6}), r"max_tokens", 400),
+         ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "max_tokens": 10**6}), r"max_tokens", 400,
+         param="max_tokens"),
     Case("http", "a prompt of the wrong type",
-         ("POST", "/v1/completions", {"model": "model", "prompt": 42}), r"prompt", 400),
-    Case("http", "a huge n", ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "n": 10**6}), r"\bn\b", 400),
+         ("POST", "/v1/completions", {"model": "model", "prompt": 42}), r"prompt", 400, param="prompt"),
+    Case("http", "a huge n", ("POST", "/v1/completions", {"model": "model", "prompt": "hi", "n": 10**6}), r"\bn\b", 400,
+         param="n"),
     Case("http", "malformed JSON", ("POST", "/v1/completions", b"{not json"), r"JSON", 400),
     Case("http", "deeply nested JSON",
          ("POST", "/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"), r".", 400),
     Case("http", "a body over the size limit",
          ("POST", "/v1/completions", {"model": "model", "prompt": "x" * (2 << 20)}), r"\d", 413),
     Case("http", "chat messages without content",
-         ("POST", "/v1/chat/completions", {"model": "model", "messages": [{"role": "user"}]}), r"content", 400),
+         ("POST", "/v1/chat/completions", {"model": "model", "messages": [{"role": "user"}]}), r"content", 400,
+         param="messages[0].content"),
     Case("http", "a chat message with an unknown role",
          ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}),
-         r"'messages\[0\]\.role' must be one of system, developer, user, assistant; got \"robot\"", 400),
+         r"'messages\[0\]\.role' must be one of system, developer, user, assistant; got \"robot\"", 400,
+         param="messages[0].role"),
     Case("http", "chat message content that is not a string",
          ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}),
-         r"'messages\[0\]\.content' must be a string", 400),
+         r"'messages\[0\]\.content' must be a string", 400, param="messages[0].content"),
     Case("http", "an empty messages list",
-         ("POST", "/v1/chat/completions", {"messages": []}), r"'messages' must be a list of 1 to", 400),
+         ("POST", "/v1/chat/completions", {"messages": []}), r"'messages' must be a list of 1 to", 400,
+         param="messages"),
     Case("http", "a last chat message that is not from the user",
          ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"},
                                                        {"role": "assistant", "content": "yo"}]}),
-         r"last chat message must come from the user", 400),
+         r"last chat message must come from the user", 400, param="messages[1].role"),
     Case("http", "an unknown model name",
-         ("POST", "/v1/completions", {"model": "gpt-5", "prompt": "hi"}), r"gpt-5", 404),
+         ("POST", "/v1/completions", {"model": "gpt-5", "prompt": "hi"}), r"gpt-5", 404,
+         param="model", error_code="model_not_found"),
     Case("http", "an unknown route", ("GET", "/v2/nothing", None), r".", 404),
 ]
 
@@ -290,7 +346,11 @@ def env(tmp_path_factory, char_data) -> dict[str, str]:
                         "chat_content": [{"messages": [user, answer]},
                                          {"messages": [{"role": "user", "content": 5}, answer]}],
                         "chat_empty": [{"messages": []}],
-                        "chat_no_answer": [{"messages": [user]}]}.items():
+                        "chat_no_answer": [{"messages": [user]}],
+                        "chat_unanswered": [{"messages": [user, answer]},
+                                            {"messages": [user, answer, user]}],
+                        "chat_no_question": [{"messages": [{"role": "system", "content": "s"},
+                                                           answer]}]}.items():
         write(tmp / f"{name}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     _muon_run(tmp / "muon-run", char_data)
     return {"tmp": str(tmp), "model": str(model), "data": str(char_data)}
@@ -315,6 +375,8 @@ def run_case(case: Case, env: dict[str, str], capsys) -> tuple[str, int]:
         argv = [a.format(**env) for a in case.call]
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
+        if case.out is not None:  # nothing is written on refusal
+            assert not Path(case.out.format(**env)).exists(), case.out
         captured = capsys.readouterr()
         err = captured.err
         last = err.strip().splitlines()[-1]  # progress bars may precede it
@@ -364,8 +426,10 @@ def test_http(case, http):
         response = http.request(method, route, json=body)
     assert response.status_code == case.code, response.text
     error = response.json()["error"]
-    assert set(error) >= {"message", "type"}
+    assert set(error) == {"message", "type", "param", "code"}
     assert re.search(case.match, error["message"]), error["message"]
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error", case.param, case.error_code), error
     observed[case.where, case.mistake] = error["message"]
     # the server is still healthy afterwards
     assert http.get("/health").status_code == 200

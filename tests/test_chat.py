@@ -20,12 +20,19 @@ import pytest
 import torch
 from serve_helpers import live_server
 from serve_helpers import make_model_dir as make_random_model
-from tiny_models import write_jsonl
+from tiny_models import make_model_dir, write_jsonl
 
 from gptkit import GPT, GPTConfig, Tokenizer
 from gptkit.chat import ChatSession, chat_in_terminal
 from gptkit.cli import main
-from gptkit.conversation import add_chat_tokens, chat_format, prompt_ids, read_conversations
+from gptkit.conversation import (
+    IM_END,
+    add_chat_tokens,
+    chat_format,
+    encode_conversation,
+    prompt_ids,
+    read_conversations,
+)
 
 FACTS = {"pet": ["cat", "dog", "fox", "owl", "bee", "yak", "emu", "ant", "bat", "cow", "eel", "hen"],
          "color": ["red", "blue", "green", "pink", "gold", "gray", "teal", "navy", "lime", "plum"],
@@ -156,6 +163,46 @@ def test_ctrl_c_stops_the_answer_not_the_conversation(tuned):
     assert (answer, stopped) == ("oslo", False)
 
 
+def test_ctrl_c_before_the_answer_leaves_the_history_as_it_was(tmp_path, monkeypatch):
+    """Ctrl-C before the first piece of an answer, while the model reads the prompt or
+    while the prompt is built, drops the message (as if not sent) rather than leaving it
+    unanswered in the history, where the next answer would answer it too."""
+    directory = random_chat_model(tmp_path / "random", block_size=64)
+    session = ChatSession(GPT.from_pretrained(directory), Tokenizer.from_pretrained(directory),
+                          max_new_tokens=4)
+    session.respond("hello", lambda piece: None)
+    history = [dict(m) for m in session.messages]
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[1]["content"]
+
+    def reading_the_prompt(*args, **kwargs):
+        yield from ctrl_c()  # a generator, as stream_generate is: Ctrl-C in its first step
+
+    monkeypatch.setattr("gptkit.chat.stream_generate", reading_the_prompt)
+    assert session.respond("lost", lambda piece: None) == ("", True)
+    assert session.messages == history
+    monkeypatch.setattr("gptkit.chat.fit_prompt", ctrl_c)  # Ctrl-C while the prompt is built
+    out = _Output()
+    lines = iter(["also lost"])
+
+    def read(prompt: str) -> str:
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+
+    chat_in_terminal(session, "random", read=read, out=out)
+    assert "[stopped before an answer; the message was dropped from the history]" in out.getvalue()
+    assert session.messages == history
+    monkeypatch.undo()
+    answer, stopped = session.respond("again", lambda piece: None)
+    assert session.messages == [*history, {"role": "user", "content": "again"},
+                                {"role": "assistant", "content": answer}] and not stopped
+
+
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_history_beyond_the_context_drops_oldest_turns_with_a_notice(tuned):
     model, tokenizer = GPT.from_pretrained(tuned / "chat"), Tokenizer.from_pretrained(tuned / "chat")
     notices: list[str] = []
@@ -163,7 +210,7 @@ def test_history_beyond_the_context_drops_oldest_turns_with_a_notice(tuned):
                           notice=notices.append)
     for i in range(12):
         session.respond(f"say {WORDS[i % len(WORDS)]}", lambda piece: None)
-    assert len(prompt_ids(tokenizer, session.format, session.messages)) <= 128
+    assert len(encode_conversation(tokenizer, session.format, session.messages)[0]) <= 128
     assert notices and "dropped its 2 oldest messages" in notices[0]
     assert session.messages[0]["content"] == SYSTEM  # the system message stays
     assert session.messages[-2] == {"role": "user", "content": f"say {WORDS[11 % len(WORDS)]}"}
@@ -222,18 +269,73 @@ def test_openai_client_matches_terminal_chat_and_python_api(tuned):
                                                                    lambda piece: None)[0] == "ok"
 
 
-def test_chat_command_survives_ctrl_c_during_an_answer(tmp_path):
-    """The real `gptkit chat` process: Ctrl-C during a long answer stops it; the next
-    message is answered; Ctrl-D ends the chat with status 0."""
-    directory = make_random_model(tmp_path / "random", block_size=512)
+def random_chat_model(directory: Path, block_size: int) -> Path:
+    """A random char model that never ends its text by itself, given the ChatML tokens and
+    their rows as fine-tuning gives them."""
+    from gptkit.vocab import grow_vocab
+
+    make_random_model(directory, block_size=block_size)
     tokenizer = Tokenizer.from_pretrained(directory)
     add_chat_tokens(tokenizer)
     model = GPT.from_pretrained(directory)
-    from gptkit.vocab import grow_vocab
-
     grow_vocab(model, tokenizer.vocab_size, range(model.config.vocab_size, tokenizer.vocab_size))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_transformers_generate_stops_at_the_end_of_turn_like_gptkit(tuned):
+    """transformers' `generate`, left to the model's generation_config.json and template,
+    ends each answer at <|im_end|> with the text gptkit's chat gives."""
+    transformers = pytest.importorskip("transformers")
+    directory = tuned / "chat"
+    model, tokenizer = GPT.from_pretrained(directory), Tokenizer.from_pretrained(directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    end_of_turn = tokenizer.token_to_id(IM_END)
+    assert hf.generation_config.eos_token_id == [end_of_turn, tokenizer.pad_token_id]
+    for conversation in read_conversations(tuned / "test.jsonl", limit=4):
+        asked = conversation.messages[:-1]
+        session = ChatSession(model, tokenizer, max_new_tokens=16)
+        session.messages = asked[:-1]
+        expected, _ = session.respond(asked[-1]["content"], lambda piece: None)
+        prompt = hf_tokenizer.apply_chat_template(asked, add_generation_prompt=True,
+                                                  return_dict=True, return_tensors="pt")
+        with torch.no_grad():
+            out = hf.generate(**prompt, max_new_tokens=16, do_sample=False)
+        answer = out[0, prompt["input_ids"].size(1):].tolist()
+        assert answer[-1] == end_of_turn and len(answer) < 16  # stopped there, not at the limit
+        assert hf_tokenizer.decode(answer, skip_special_tokens=True) == expected
+
+
+def test_model_tuned_for_a_task_chats_through_its_task_template(tmp_path):
+    """A model fine-tuned for a task (no chat template) gets each user turn in its task's
+    prompt and each answer as a target; the reply is what /v1/completions continues that
+    prompt with."""
+    from fastapi.testclient import TestClient
+
+    from gptkit.serve import create_app
+    from gptkit.tasks import TASK_FILE, get_task
+
+    directory = make_model_dir(tmp_path / "translator", block_size=128)
+    (directory / TASK_FILE).write_text(json.dumps(get_task("translate").to_dict()))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "bye"}]
+    prompt = "Be brief.\n\nEnglish: hi\nChinese: yo\n\nEnglish: bye\nChinese:"
+    with TestClient(create_app(directory, device="cpu")) as client:
+        chat = client.post("/v1/chat/completions", json={
+            "messages": messages, "max_tokens": 8, "temperature": 0}).json()
+        plain = client.post("/v1/completions", json={
+            "prompt": prompt, "max_tokens": 8, "temperature": 0}).json()
+    assert chat["usage"] == plain["usage"]
+    assert chat["usage"]["prompt_tokens"] == len(Tokenizer.from_pretrained(directory).encode(prompt))
+    assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"] != ""
+
+
+def test_chat_command_survives_ctrl_c_during_an_answer(tmp_path):
+    """The real `gptkit chat` process: Ctrl-C during a long answer stops it; the next
+    message is answered; Ctrl-D ends the chat with status 0."""
+    directory = random_chat_model(tmp_path / "random", block_size=512)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "gptkit", "chat", "--model", str(directory), "--greedy",

@@ -6,7 +6,8 @@ Answers stream as they are generated. The conversation is rendered with the mode
 template (`gptkit.conversation`) and generation stops at its end-of-turn token, so the
 same conversation gets the same greedy answer here, from `ChatSession` in Python and from
 `gptkit serve`. Commands: /reset, /system TEXT, /save FILE, /help, /exit. Ctrl-C stops
-the answer being written (what was written stays in the history), Ctrl-D or /exit ends.
+the answer being written (what was written stays in the history with its message; a
+message stopped before any answer is dropped), Ctrl-D or /exit ends.
 When the history outgrows the context, its oldest exchanges are dropped with a notice.
 A model without a chat template talks in a plain "User: / Assistant:" transcript.
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from gptkit.conversation import (
     Message,
     chat_format,
+    check_messages,
     fit_prompt,
     prompt_ids,
     stop_token_ids,
@@ -50,6 +52,8 @@ class ChatSession:
     `sampling` takes `generate`'s sampling arguments (do_sample, temperature, top_k, top_p,
     repetition_penalty, seed); none means greedy. An answer may be up to `max_new_tokens`
     long; the history is shortened (oldest exchanges first) so that it fits beside it.
+    The history (`messages`, which may be set by hand) holds answered exchanges: it never
+    ends with a user message, whose answer would be asked for together with the next.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, system: str | None = None,
@@ -66,8 +70,22 @@ class ChatSession:
         self.max_new_tokens = max_new_tokens
         self.notice = notice or (lambda text: print(text, file=sys.stderr, flush=True))
         self.system = system or None
-        self.messages: list[Message] = []
+        self._messages: list[Message] = []
         self.reset()
+
+    @property
+    def messages(self) -> list[Message]:
+        """The conversation so far: system messages, then user messages and their answers."""
+        return self._messages
+
+    @messages.setter
+    def messages(self, value: list[Message]) -> None:
+        messages = check_messages(value, "the session's history") if value else []
+        if messages and messages[-1]["role"] == "user":
+            raise GptkitError("the session's history ends with a user message that has no "
+                              "answer; end it with the assistant's answer, or pass that message "
+                              "to respond().")
+        self._messages = messages
 
     @property
     def plain(self) -> bool:
@@ -81,9 +99,8 @@ class ChatSession:
     def set_system(self, text: str | None) -> None:
         """Set (or, with None or "", remove) the system message of this conversation."""
         self.system = text or None
-        self.messages = [m for m in self.messages if m["role"] != "system"]
-        if self.system:
-            self.messages.insert(0, {"role": "system", "content": self.system})
+        rest = [m for m in self.messages if m["role"] != "system"]
+        self.messages = [{"role": "system", "content": self.system}, *rest] if self.system else rest
 
     def save(self, path: str | Path) -> Path:
         """Append the conversation to a JSONL file, one line in the training shape."""
@@ -98,9 +115,10 @@ class ChatSession:
             raise GptkitError(f"could not write {path} ({exc.strerror or exc}).") from None
         return path
 
-    def prompt(self, text: str) -> tuple[str, int]:
-        """Add the user message `text` and return the prompt and the answer's length
-        limit, dropping the oldest exchanges (with a notice) when they do not fit."""
+    def prompt(self, text: str) -> tuple[str, int, list[Message]]:
+        """The prompt asking for an answer to the user message `text` after the history,
+        the answer's length limit, and the messages the prompt holds: the oldest exchanges
+        are dropped (with a notice) when they do not fit. The history stays as it is."""
         context = self.model.config.block_size
         messages = [*self.messages, {"role": "user", "content": text}]
         fitted = fit_prompt(self.tokenizer, self.format, messages, context - self.max_new_tokens)
@@ -115,15 +133,20 @@ class ChatSession:
         if dropped:
             self.notice(f"(the conversation outgrew the model's context of {context} tokens: "
                         f"dropped its {dropped} oldest messages)")
-        self.messages = kept
         prompt = self.format.render(kept, add_generation_prompt=True)[0]  # encodes to `ids`
-        return prompt, min(self.max_new_tokens, context - len(ids))
+        return prompt, min(self.max_new_tokens, context - len(ids)), kept
 
     def respond(self, text: str, write: Callable[[str], Any]) -> tuple[str, bool]:
         """Answer the user message `text`, passing each piece of the answer to `write` as
-        it is generated; Ctrl-C (KeyboardInterrupt) stops the answer. The answer, whole or
-        stopped, joins the history; returns it and whether it was stopped."""
-        prompt, room = self.prompt(text)
+        it is generated; Ctrl-C (KeyboardInterrupt) stops the answer. Returns the answer and
+        whether it was stopped.
+
+        The history changes in one assignment at the end, so a Ctrl-C anywhere leaves it
+        whole: the message joins it with its answer, whole or stopped part-way; a message
+        stopped before its first piece of answer (or a Ctrl-C escaping from here) leaves
+        the history as it was, as if the message had not been sent.
+        """
+        prompt, room, kept = self.prompt(text)
         pieces: list[str] = []
         stopped = False
         stream = None
@@ -141,7 +164,8 @@ class ChatSession:
             if stream is not None:
                 stream.close()
         answer = "".join(pieces)
-        self.messages.append({"role": "assistant", "content": answer})
+        if answer or not stopped:
+            self.messages = [*kept, {"role": "assistant", "content": answer}]
         return answer, stopped
 
 
@@ -182,13 +206,16 @@ def chat_in_terminal(session: ChatSession, name: str, *, read: Callable[[str], s
                 return
             continue
         try:
-            _, stopped = session.respond(line, lambda piece: say(piece, end=""))
+            answer, stopped = session.respond(line, lambda piece: say(piece, end=""))
         except GptkitError as exc:
             say(f"error: {exc}")
             continue
-        except KeyboardInterrupt:  # before the first token: nothing was answered
-            stopped = True
-        say(" [stopped]" if stopped else "")
+        except KeyboardInterrupt:  # while the prompt was being built
+            answer, stopped = "", True
+        if stopped and not answer:
+            say("[stopped before an answer; the message was dropped from the history]")
+        else:
+            say(" [stopped]" if stopped else "")
         say()
 
 

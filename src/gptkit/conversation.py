@@ -80,8 +80,7 @@ class Conversation:
     task: str | None = None
 
 
-def read_conversations(path: str | Path, *, limit: int | None = None,
-                       require_assistant: bool = True) -> list[Conversation]:
+def read_conversations(path: str | Path, *, limit: int | None = None) -> list[Conversation]:
     """Every conversation of a JSONL file, checked: one clear error naming line and field."""
     from gptkit.data import jsonl_records
 
@@ -91,7 +90,7 @@ def read_conversations(path: str | Path, *, limit: int | None = None,
                           "conversations.")
     conversations = []
     for where, record in jsonl_records(path):
-        conversations.append(parse_conversation(record, where, require_assistant))
+        conversations.append(parse_conversation(record, where))
         if limit is not None and len(conversations) >= limit:
             break
     if not conversations:
@@ -99,7 +98,7 @@ def read_conversations(path: str | Path, *, limit: int | None = None,
     return conversations
 
 
-def parse_conversation(record: Any, where: str, require_assistant: bool = True) -> Conversation:
+def parse_conversation(record: Any, where: str) -> Conversation:
     """A record in OpenAI's shape ("messages") or ShareGPT's ("conversations"); other fields
     (an id, ...) are not part of the conversation, "task" names its metrics."""
     expected = ('an object with "messages" (OpenAI\'s shape: role and content) or '
@@ -113,9 +112,9 @@ def parse_conversation(record: Any, where: str, require_assistant: bool = True) 
     else:
         raise GptkitError(f"{where} has neither 'messages' nor 'conversations'; expected "
                           f"{expected}.")
-    if require_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise GptkitError(f"{where} has no assistant turn; a training conversation needs at "
-                          "least one (the loss falls on the assistant's turns).")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise GptkitError(f"{where} has no assistant turn; expected at least one (training's loss "
+                          "and evaluation's scores fall on the assistant's turns).")
     task = record.get("task")
     if task is not None and not isinstance(task, str):
         raise GptkitError(f"{where}: field 'task' is a {_json_type(task)}; expected a task name.")
@@ -351,8 +350,21 @@ def assistant_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list
     return np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
 
 
+def _check_asks(messages: Sequence[Message]) -> None:
+    """Refuse a conversation to answer that does not end with the user's message (an
+    answer to it is what is asked for), as the server does."""
+    if not messages:
+        raise GptkitError("the conversation has no messages; expected at least the user's "
+                          "message to answer.")
+    if messages[-1]["role"] != "user":
+        raise GptkitError(f"the last message is from the {messages[-1]['role']}; expected the "
+                          "user's message to answer.")
+
+
 def prompt_ids(tokenizer: Tokenizer, fmt: ChatFormat, messages: Sequence[Message]) -> list[int]:
-    """Token ids of the conversation followed by the start of the assistant's answer."""
+    """Token ids of the conversation followed by the start of the assistant's answer;
+    the last message must be the user's."""
+    _check_asks(messages)
     return tokenizer.encode(fmt.render(messages, add_generation_prompt=True)[0])
 
 
@@ -386,8 +398,9 @@ def fit_conversation(tokenizer: Tokenizer, fmt: ChatFormat, messages: Sequence[M
 
 def fit_prompt(tokenizer: Tokenizer, fmt: ChatFormat, messages: Sequence[Message],
                max_tokens: int) -> tuple[list[int], list[Message]] | None:
-    """The prompt ids of `messages` within `max_tokens`, dropping earliest exchanges as
-    needed, and the messages kept; None when even the last user turn does not fit."""
+    """The prompt ids of `messages` (ending with the user's) within `max_tokens`, dropping
+    earliest exchanges as needed, and the messages kept; None when even the last user turn
+    does not fit."""
     for kept in [list(messages), *shorter(messages)]:
         ids = prompt_ids(tokenizer, fmt, kept)
         if len(ids) <= max_tokens:

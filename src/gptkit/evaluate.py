@@ -30,6 +30,8 @@ from gptkit import distributed
 from gptkit.checkpoint import atomic_write_text, resolve_model_dir
 from gptkit.conversation import (
     CHAT_TASK,
+    Conversation,
+    Message,
     chat_format,
     encode_conversations,
     fit_prompt,
@@ -271,16 +273,19 @@ def evaluate_chat(model_dir: str | Path, data: str | Path, *, limit: int | None 
     F1 against that turn, and the task's own metrics (BLEU and chrF, ROUGE) for records
     that name a "task" (translate, summarize or qa), over those records. A model without
     a chat template is scored on the plain transcript. `out` receives each conversation's
-    prompt messages, prediction and reference.
+    prompt messages, prediction and reference. Each conversation must end with its last
+    assistant turn, right after a user turn: turns after it would be neither asked nor
+    scored, so they are refused rather than ignored.
     """
     if limit is not None and limit < 1:
         raise GptkitError(f"--limit is {limit}; expected at least 1.")
     directory = resolve_model_dir(model_dir)
     conversations = read_conversations(data, limit=limit)
+    histories, references = [], []
     for conversation in conversations:
-        if conversation.task not in (None, *CHAT_METRIC_TASKS):
-            raise GptkitError(f"{conversation.where}: task '{conversation.task}' has no metrics "
-                              f"here; expected one of {', '.join(CHAT_METRIC_TASKS)}.")
+        history, reference = _question_and_answer(conversation)
+        histories.append(history)
+        references.append(reference)
     model, tokenizer = load_directory(directory, device)
     fmt = chat_format(tokenizer)
     if fmt.plain and progress:
@@ -290,12 +295,6 @@ def evaluate_chat(model_dir: str | Path, data: str | Path, *, limit: int | None 
     encoded = encode_conversations(tokenizer, fmt, conversations, block, str(data), progress)
     loss, tokens = lm_loss(model, iter_sft_batches(encoded, batch_size, tokenizer.pad_token_id),
                            model.device, pick_dtype("float32", model.device))
-    histories, references = [], []
-    for conversation in conversations:
-        messages = conversation.messages
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        histories.append(messages[:last])
-        references.append(messages[last]["content"])
     if max_new_tokens is None:
         longest = max(len(tokenizer.encode(r)) for r in references) + 1  # and end-of-turn
         max_new_tokens = min(longest * 3 // 2 + 8, block // 2)
@@ -321,6 +320,24 @@ def evaluate_chat(model_dir: str | Path, data: str | Path, *, limit: int | None 
         atomic_write_text(Path(out), "\n".join(lines) + "\n")
     result["n"] = len(conversations)
     return result
+
+
+def _question_and_answer(conversation: Conversation) -> tuple[list[Message], str]:
+    """The turns up to a held-out conversation's last assistant turn, which must answer a
+    user turn and end the conversation, and that turn's text (the reference)."""
+    where, messages = conversation.where, conversation.messages
+    if conversation.task not in (None, *CHAT_METRIC_TASKS):
+        raise GptkitError(f"{where}: task '{conversation.task}' has no metrics here; expected "
+                          f"one of {', '.join(CHAT_METRIC_TASKS)}.")
+    if messages[-1]["role"] != "assistant":
+        raise GptkitError(f"{where} ends with a {messages[-1]['role']} turn after its last "
+                          "assistant turn; expected a held-out conversation to end with the "
+                          "assistant turn the model's answer is scored against.")
+    if len(messages) < 2 or messages[-2]["role"] != "user":
+        before = f"a {messages[-2]['role']} turn" if len(messages) > 1 else "nothing"
+        raise GptkitError(f"{where}: its last assistant turn follows {before}; expected a user "
+                          "turn before it (the model answers that turn in its place).")
+    return messages[:-1], messages[-1]["content"]
 
 
 def target_loss(model: Any, tokenizer: Any, spec: TaskSpec, examples: Sequence[Example],
