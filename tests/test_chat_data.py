@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -133,6 +134,9 @@ def test_too_long_conversations_drop_whole_earliest_exchanges(chat_bpe, tmp_path
     assert fit_conversation(tokenizer, fmt, system + turns, last - 1) == (None, 9)
     kept = fit_prompt(tokenizer, fmt, system + turns[:-1], last - 1)
     assert kept is not None and kept[1] == system + turns[-2:-1]
+    with pytest.raises(GptkitError, match="^the last message is from the assistant; expected the "
+                                          "user's message to answer.$"):
+        fit_prompt(tokenizer, fmt, system + turns, full)  # an answer to what?
     # a run reports how many conversations were shortened and skipped
     conversations = [parse_conversation({"messages": system + turns}, "a"),
                      parse_conversation({"messages": system + turns[-2:]}, "b"),
@@ -174,6 +178,38 @@ def test_packed_rows_give_the_loss_of_unpacked_ones(chat_bpe, arch):
     torch.testing.assert_close(packed, unpacked, atol=1e-5, rtol=1e-5)
 
 
+def test_pack_flags_override_the_rule_and_change_no_loss(tmp_path, capsys, monkeypatch):
+    """Short conversations pack by default; --no-pack trains them a row each, --pack as the
+    default does: an epoch takes fewer rows and steps, and the validation loss (at step 0:
+    the same weights) is the unpacked one's."""
+    from gptkit.cli import main
+
+    monkeypatch.setattr("gptkit.plot.plot_runs", lambda *args: None)  # the loss plot: 1 s a run
+
+    base = make_model_dir(tmp_path / "base", block_size=64)
+    rng = random.Random(0)
+    words = ["hi", "yo", "ok", "sure", "no", "a b c", "0123", "?!"]
+    data = write_jsonl(tmp_path / "c.jsonl", [
+        {"messages": [{"role": "user", "content": rng.choice(words)},
+                      {"role": "assistant", "content": rng.choice(words)}]} for _ in range(24)])
+    runs = {}
+    for flag in ("default", "--pack", "--no-pack"):
+        out = tmp_path / flag.strip("-")
+        main(["finetune", "--model", str(base), "--task", "chat", "--data", str(data), "--val",
+              str(data), "--out", str(out), "--epochs", "1", "--batch-size", "4",
+              "--eval-steps", "100", "--eval-interval", "100", "--device", "cpu",
+              *([flag] if flag != "default" else [])])
+        layout = re.search(r"on 24 conversations( packed into (\d+) rows)?.* for (\d+) steps",
+                           capsys.readouterr().err)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        val = next(r["val_loss"] for r in records if "val_loss" in r)  # step 0's
+        runs[flag] = (layout[2] and int(layout[2]), int(layout[3]), val)
+    rows, steps, val = runs["--pack"]
+    assert runs["default"] == runs["--pack"] and 1 < rows < 24 and steps == -(-rows // 4)
+    assert runs["--no-pack"][:2] == (None, 6)
+    assert runs["--no-pack"][2] == pytest.approx(val, abs=1e-5)
+
+
 def test_chat_tokens_added_to_a_base_tokenizer_are_saved_with_the_template(tmp_path):
     tokenizer = Tokenizer.train(texts=[TEXT], vocab_size=300)
     base_size, eot = tokenizer.vocab_size, tokenizer.eos_token_id
@@ -208,11 +244,29 @@ def test_a_template_without_generation_marks_cannot_train():
         ChatFormat("{{ raise_exception('no system') }}").render([])
 
 
-def test_finetune_grows_the_model_and_names_the_end_of_turn_token(tmp_path):
+def base_model_dir(path, arch: str):
+    """A tiny char-level base: GPT-2 (its head tied to the token embedding) or Llama with
+    an untied head."""
+    base = make_model_dir(path, block_size=64)
+    if arch == "llama":
+        tokenizer = Tokenizer.from_pretrained(base)
+        torch.manual_seed(0)
+        GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4,
+                      n_embd=32, arch="llama", tie_word_embeddings=False,
+                      eos_token_id=tokenizer.eos_token_id)).save_pretrained(base)
+    return base
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_finetune_grows_the_model_and_names_the_end_of_turn_token(tmp_path, arch):
+    """The embedding grows, and the head with it (shared when tied, its own rows when not);
+    transformers reads the grown model and computes gptkit's logits."""
+    transformers = pytest.importorskip("transformers")
     from gptkit.cli import main
 
-    base = make_model_dir(tmp_path / "base", block_size=64)
+    base = base_model_dir(tmp_path / "base", arch)
     before = GPT.from_pretrained(base)
+    assert before.config.tie_word_embeddings == (arch == "gpt2")
     data = write_jsonl(tmp_path / "c.jsonl", [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 8)
     main(["finetune", "--model", str(base), "--task", "chat", "--data", str(data), "--out",
@@ -229,11 +283,23 @@ def test_finetune_grows_the_model_and_names_the_end_of_turn_token(tmp_path):
     old = before.transformer.wte.weight
     new = model.transformer.wte.weight
     torch.testing.assert_close(new[:old.size(0)], old, atol=1e-6, rtol=0)  # lr ~ 0
-    mean = old.mean(0)
-    for row in range(old.size(0), grown):  # new rows start at the mean of the old ones
-        assert torch.allclose(new[row], mean, atol=1e-3)
+    old_head, head = before.lm_head.weight, model.lm_head.weight
+    assert head.shape == (grown, old.size(1))
+    assert (head.data_ptr() == new.data_ptr()) == (arch == "gpt2")
+    torch.testing.assert_close(head[:old.size(0)], old_head, atol=1e-6, rtol=0)
+    for weight, trained in ((new, old), (head, old_head)):
+        # new rows start at the mean of the old ones (the untied head's: of its own)
+        for row in range(trained.size(0), grown):
+            assert torch.allclose(weight[row], trained.mean(0), atol=1e-3)
     assert not (run / "gptkit_task.json").exists()
     assert (run / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run).eval()
+    assert hf.get_output_embeddings().weight.shape == (grown, old.size(1))
+    ids = torch.tensor([prompt_ids(tokenizer, chat_format(tokenizer),
+                                   [{"role": "user", "content": "hi"}])])
+    assert ids.max() >= old.size(0)  # the new tokens are read, and predicted below
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_lora_chat_run_trains_only_adapters_and_new_rows(tmp_path):
