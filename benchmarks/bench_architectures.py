@@ -38,7 +38,7 @@ from gptkit.runtime import tune_allocator
 
 ARCHS = ("gpt2", "llama", "qwen3", "nanochat")
 SHAPES = {
-    # the reference run (nanoGPT's shakespeare_char): 4 x 128, block 64, batch 12
+    # the reference run of docs/architectures.md (nanoGPT's shakespeare_char): 4 x 128, block 64, batch 12
     "tiny": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65), 12),
     # the `small` preset with the demo's 4,096-token BPE vocabulary
     "small": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=4096), 4),

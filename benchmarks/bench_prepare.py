@@ -28,7 +28,7 @@ from gptkit.data import prepare
 from gptkit.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-# where the whole book lies beside our own checkouts; --corpus overrides it
+# the whole book, where a ../shared/data folder beside the repository holds it; --corpus overrides it
 MOBY_DICK = REPO.parent / "shared" / "data" / "prose" / "moby_dick.txt"
 
 
