@@ -87,3 +87,16 @@ def test_a_demo_folder_describes_the_run_inside_it(tmp_path):
     info = directory_info(tmp_path / "demo")
     assert info["kind"] == "run" and info["training"]["steps"] == 3
     assert info["parameters"] == GPT.from_pretrained(run).num_params()
+
+
+def test_a_run_stopped_by_its_time_limit_before_logging_reports_its_checkpoint(tmp_path, char_data):
+    from gptkit.config import TrainConfig
+    from gptkit.train import train
+
+    run = tmp_path / "run"
+    result = train(TrainConfig(data=str(char_data), out=str(run), preset="tiny", n_layer=1,
+                               n_head=2, n_embd=16, block_size=16, batch_size=2, max_steps=50,
+                               max_time=1e-9, eval_interval=0, device="cpu"), progress=False)
+    assert result.stopped_early and result.step == 1
+    assert directory_info(run)["training"]["steps"] == 1  # metrics.jsonl holds no step yet
+    assert directory_info(run)["training"]["tokens"] == result.tokens == 32

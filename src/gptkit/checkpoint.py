@@ -39,6 +39,7 @@ STAGING = ".staging"
 PREVIOUS = ".previous"
 COMPLETE_MARKER = "COMPLETE"
 MANIFEST_NAME = "gptkit_manifest.json"
+TRAIN_STATE_NAME = "train_state.pt"  # a run's resumable state: step, optimizer, data order
 
 # GPT-2 stores these as Conv1D weights (in, out); our nn.Linear holds (out, in).
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -48,6 +48,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 4.0, device: str = 
     """Tokenizer, data, pretraining and three samples, printing what happens."""
     import torch
 
+    from gptkit.checkpoint import TRAIN_STATE_NAME
     from gptkit.config import TrainConfig
     from gptkit.data import prepare
     from gptkit.generate import generate
@@ -79,7 +80,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float = 4.0, device: str = 
                       batch_size=16, max_steps=steps, lr=2e-3, min_lr=2e-4, warmup_steps=min(100, steps // 10),
                       eval_interval=max(1, steps // 4), eval_steps=10, save_interval=0,
                       device=device, max_time=seconds * 1.2, beta2=0.99)
-    if (Path(cfg.out) / "train_state.pt").exists():
+    if (Path(cfg.out) / TRAIN_STATE_NAME).exists():
         import shutil
 
         shutil.rmtree(cfg.out)  # a fresh demo each time

@@ -57,15 +57,34 @@ def _task_info(directory: Path) -> dict[str, Any] | None:
     return None if spec is None else {"task": spec.task, "template": spec.template}
 
 
+def _checkpoint_progress(directory: Path) -> dict[str, int] | None:
+    """Step and tokens of a run's checkpoint. The logged records can trail it: a run that
+    its time limit stopped between two log lines saved more steps than they show."""
+    from gptkit.checkpoint import TRAIN_STATE_NAME
+
+    path = directory / TRAIN_STATE_NAME
+    if not path.is_file():
+        return None
+    import torch
+
+    try:  # mapped, not read: only the two numbers are looked at
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return {"step": int(state["step"]), "tokens": int(state["tokens"])}
+    except Exception:  # a damaged state (resuming says so); the records are all there is
+        return None
+
+
 def _training_info(directory: Path) -> dict[str, Any] | None:
-    if not (directory / METRICS_NAME).is_file():
+    progress = _checkpoint_progress(directory)
+    if progress is None and not (directory / METRICS_NAME).is_file():
         return None
     train, evals = split_metrics(directory)
-    records = train + evals
-    last = max(records, key=lambda r: (r.get("step", 0), r["tokens"]), default={})
+    if progress is None:  # no checkpoint yet: as far as the records go
+        last = max(train + evals, key=lambda r: (r.get("step", 0), r["tokens"]), default={})
+        progress = {"step": last.get("step", 0), "tokens": last.get("tokens", 0)}
     return {
-        "steps": last.get("step", 0),
-        "tokens": last.get("tokens", 0),
+        "steps": progress["step"],
+        "tokens": progress["tokens"],
         "last_val_loss": evals[-1]["val_loss"] if evals else None,
         "last_train_loss": train[-1]["loss"] if train else None,
     }

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from gptkit import distributed
-from gptkit.checkpoint import ensure_intact, recover, save_model, write_json
+from gptkit.checkpoint import TRAIN_STATE_NAME, ensure_intact, recover, save_model, write_json
 from gptkit.config import GPTConfig, TrainConfig
 from gptkit.errors import GptkitError
 from gptkit.evaluate import lm_loss
@@ -37,7 +37,6 @@ from gptkit.runlog import EXTRA_MODULES, RunLog, Sink, TensorBoardSink, WandbSin
 from gptkit.runtime import autocast, pick_device, pick_dtype
 from gptkit.sft import batch_on
 
-STATE_NAME = "train_state.pt"
 TRAIN_CONFIG_NAME = "train_config.json"
 SPIKE_FACTOR = 2.0  # a logged loss this many times the recent minimum is reported as a spike
 
@@ -130,9 +129,9 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     """--resume needs a checkpoint in `run_dir`; a fresh run must not overwrite one."""
     if run_dir.is_dir():
         recover(run_dir)  # a commit a crash interrupted decides whether a checkpoint exists
-    has_run = (run_dir / STATE_NAME).exists()
+    has_run = (run_dir / TRAIN_STATE_NAME).exists()
     if resume and not has_run:
-        raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({STATE_NAME}); "
+        raise GptkitError(f"--resume: {run_dir} holds no checkpoint ({TRAIN_STATE_NAME}); "
                           "start without --resume or point --out at an earlier run.")
     if has_run and not resume:
         raise GptkitError(f"{run_dir} already holds a training run; pass --resume to continue it "
@@ -143,7 +142,7 @@ def load_train_state(run_dir: Path) -> dict[str, Any]:
     """The resumable state of a run; refuses anything but plain tensors and containers."""
     ensure_intact(run_dir)
     check_run_dir(run_dir, resume=True)
-    path = run_dir / STATE_NAME
+    path = run_dir / TRAIN_STATE_NAME
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler refuses code objects with many error types
@@ -234,7 +233,7 @@ def run_loop(
                            "world_size": info.world_size, "grad_accum": cfg.grad_accum,
                            "config": json.dumps(dataclasses.asdict(cfg))}
             extra = dict(save_extra or {})
-            extra[STATE_NAME] = lambda p: torch.save(train_state, p)
+            extra[TRAIN_STATE_NAME] = lambda p: torch.save(train_state, p)
             try:
                 save_model(to_save, run_dir, extra=extra, state_dict=weights)
             except OSError as exc:
