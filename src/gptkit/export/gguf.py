@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 TOKEN_EMBD = "token_embd.weight"
 # Special tokens that end a chat turn, as llama.cpp itself recognises them by name.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|assistant_end|>")
+
+
+# A short write with less than this left on the disk is taken for a full disk.
+FULL_DISK_BYTES = 1 << 20
 
 
 # -- the architecture table -------------------------------------------------------------
@@ -696,20 +701,27 @@ def plan_tensors(arch: Architecture, names_shapes: dict[str, tuple[int, ...]],
     return order
 
 
-def source_hash(model_dir: str | Path) -> str:
+def source_hash(model_dir: str | Path, progress: Callable[[int], Any] | None = None) -> str:
     """sha256 over the model's defining files (SOURCE_FILES present, by name): for each,
-    its name, a NUL, its size in decimal, a NUL, then its bytes."""
-    model_dir = Path(model_dir)
+    its name, a NUL, its size in decimal, a NUL, then its bytes. `progress` is called with
+    the number of bytes of each chunk read."""
     digest = hashlib.sha256()
-    for name in sorted(SOURCE_FILES):
-        path = model_dir / name
-        if not path.is_file():
-            continue
-        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+    for path in _source_files(Path(model_dir)):
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
         with path.open("rb") as f:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
     return digest.hexdigest()
+
+
+def _source_files(model_dir: Path) -> list[Path]:
+    return [model_dir / name for name in sorted(SOURCE_FILES) if (model_dir / name).is_file()]
+
+
+def _source_bytes(model_dir: Path) -> int:
+    return sum(path.stat().st_size for path in _source_files(model_dir))
 
 
 # -- writing ----------------------------------------------------------------------------
@@ -724,14 +736,15 @@ class ExportResult:
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, *, dtype: str = "f16",
-                force: bool = False, progress: bool = True) -> ExportResult:
+                force: bool = False, progress: bool | None = None) -> ExportResult:
     """Write `model_dir` as one GGUF file at `out` (see the module docstring).
 
     `dtype` is the type of the weight matrices: f32, f16, bf16 or q8_0 (8-bit blocks of 32
     with one f16 scale; a matrix whose rows are not a multiple of 32 stays f16). Vectors
     (norms, biases) and position embeddings stay f32, as llama.cpp's own converter keeps
     them. An existing `out` is refused unless `force`; it is replaced only once the new
-    file is complete.
+    file is complete. `progress`: a bar on stderr (bytes hashed, then written) when True,
+    none when False, on a terminal only when None.
     """
     import gguf
     from safetensors import safe_open
@@ -760,44 +773,46 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, dtype: str = "f16",
         n_vocab = next(t.shape[0] for t in plan if t.gguf_name == TOKEN_EMBD)
         tokenizer = read_tokenizer(model_dir, n_vocab, config)
         qtypes = [_tensor_qtype(t, dtype) for t in plan]
+        sizes = [_nbytes(t.shape, q) for t, q in zip(plan, qtypes, strict=True)]
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        writer = gguf.GGUFWriter(None, arch.gguf_arch)
-        try:
-            _add_metadata(writer, arch, params, config, tokenizer, model_dir, dtype, __version__)
-            total = 0
-            for tensor, qtype in zip(plan, qtypes, strict=True):
-                nbytes = _nbytes(tensor.shape, qtype)
-                total += nbytes
-                # the logical shape; a placeholder numpy dtype (the real one is qtype)
-                writer.add_tensor_info(tensor.gguf_name, tensor.shape, _np_float32(),
-                                       nbytes, raw_dtype=qtype)
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            # bytes written, on a terminal only (tqdm's disable=None)
-            with tqdm(total=total, desc=f"writing {out.name}", unit="B", unit_scale=True,
-                      disable=None if progress else True, leave=False) as bar:
+        # One bar from the first byte read: hashing a large source takes seconds too.
+        with tqdm(total=_source_bytes(model_dir) + sum(sizes), unit="B", unit_scale=True,
+                  desc=f"hashing {model_dir.resolve().name}", leave=False,
+                  disable=None if progress is None else not progress) as bar:
+            digest = source_hash(model_dir, bar.update)
+            bar.set_description(f"writing {out.name}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+            writer = gguf.GGUFWriter(None, arch.gguf_arch)
+            try:
+                _add_metadata(writer, arch, params, config, tokenizer, model_dir, dtype,
+                              __version__, digest)
+                for tensor, qtype, nbytes in zip(plan, qtypes, sizes, strict=True):
+                    # the logical shape; a placeholder numpy dtype (the real one is qtype)
+                    writer.add_tensor_info(tensor.gguf_name, tensor.shape, _np_float32(),
+                                           nbytes, raw_dtype=qtype)
+                writer.write_header_to_file(tmp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
                 for tensor, qtype in zip(plan, qtypes, strict=True):
                     source = tensor.data if tensor.hf_name is None else f.get_tensor(
                         tensor.hf_name)
                     data = _convert(source, tensor, qtype, config)
                     writer.write_tensor_data(data)
                     bar.update(data.nbytes)
-            assert writer.fout is not None
-            writer.fout[0].flush()
-            os.fsync(writer.fout[0].fileno())
-            writer.close()
-            os.replace(tmp, out)
-        except OSError as exc:
-            _discard(writer, tmp)
-            space = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
-            raise GptkitError(f"could not write {out}{space}: {exc.strerror or exc}; no "
-                              "partial file was left.") from None
-        except BaseException:
-            _discard(writer, tmp)
-            raise
+                assert writer.fout is not None
+                writer.fout[0].flush()
+                os.fsync(writer.fout[0].fileno())
+                writer.close()
+                os.replace(tmp, out)
+            except OSError as exc:
+                reason = _write_failure(exc, out.parent)  # while the partial file fills the disk
+                _discard(writer, tmp)
+                raise GptkitError(f"could not write {out}: {reason}; no partial file was "
+                                  "left.") from None
+            except BaseException:
+                _discard(writer, tmp)
+                raise
     _fsync_dir(out.parent)
     return ExportResult(out, dtype, out.stat().st_size, len(plan),
                         time.perf_counter() - start)
@@ -805,7 +820,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, *, dtype: str = "f16",
 
 def _add_metadata(writer: Any, arch: Architecture, params: dict[str, tuple[str, Any]],
                   config: dict[str, Any], tok: GGUFTokenizer, model_dir: Path, dtype: str,
-                  version: str) -> None:
+                  version: str, digest: str) -> None:
     import gguf
 
     writer.add_type("model")
@@ -821,7 +836,7 @@ def _add_metadata(writer: Any, arch: Architecture, params: dict[str, tuple[str, 
         else:
             writer.add_float32(key, float(value))
     writer.add_string("gptkit.version", version)
-    writer.add_string("gptkit.source_sha256", source_hash(model_dir))
+    writer.add_string("gptkit.source_sha256", digest)
 
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_tokenizer_pre(tok.pre)
@@ -912,6 +927,19 @@ def _convert(tensor: Any, planned: PlannedTensor, qtype: Any,
         return np.ascontiguousarray(tensor, dtype=np.float16)
     array = np.ascontiguousarray(tensor, dtype=np.float32)
     return array if qtype == Q.F32 else quantize(array, qtype)
+
+
+def _write_failure(exc: OSError, directory: Path) -> str:
+    """What stopped a write, in words. numpy's tofile reports a full disk as a short write
+    ("N requested and M written") without an errno, so then the space left decides."""
+    detail = exc.strerror or str(exc)
+    full = exc.errno == errno.ENOSPC
+    if exc.errno is None:
+        try:
+            full = shutil.disk_usage(directory).free < FULL_DISK_BYTES
+        except OSError:
+            pass
+    return f"the disk is full ({detail})" if full else f"the write failed ({detail})"
 
 
 def _discard(writer: Any, tmp: Path) -> None:
