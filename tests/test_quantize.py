@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 
 import gptkit.inference
 import gptkit.kernels.int8
@@ -177,6 +179,26 @@ def test_tiled_matmul_is_the_matmul_eager_and_compiled(out_features):
             got = product(x, tiles)
             assert got.shape == (rows, 48)
             assert torch.allclose(got[:, :out_features], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_compiled_head_reads_a_cheap_norm_from_memory():
+    # Inductor inlines cheap producers into their consumers: unchecked, the head's loop over
+    # its weights would redo a parameter-free RMSNorm's square root for every weight element.
+    weight = torch.randn(48, 96)
+    tiles = tile_weight(weight)
+    head = torch.compile(lambda x: tiled_matmul(F.rms_norm(x, (96,), eps=1e-6), tiles),
+                         fullgraph=True, dynamic=False)
+    x = torch.randn(1, 96)
+    got, (code,) = run_and_get_code(head, x)
+    expected = F.rms_norm(x, (96,), eps=1e-6) @ weight.t()
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)
+    wrapper = code[code.index("def call("):]
+    after = wrapper[wrapper.index("torch.ops.gptkit.realize.default("):]
+    products = re.findall(r"(cpp_fused\w+)\(", after)
+    assert products
+    for name in products:
+        kernel = code[code.index(f"{name} = "):].split("'''")[1]  # its C++ source
+        assert "sqrt" not in kernel
 
 
 def test_masked_attention_is_sdpa_with_the_mask():

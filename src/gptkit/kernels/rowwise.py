@@ -41,6 +41,23 @@ def rowwise_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([(row.float() * w).sum(-1) for row in flat.unbind(0)])
 
 
+@torch.library.custom_op("gptkit::realize", mutates_args=())
+def realize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of `x` that inductor cannot see through, so `x` is computed once into memory.
+
+    Inductor inlines a cheap producer into its consumer's loop. Before the tiled head that
+    can mean a parameter-free RMSNorm (nanochat's final norm) whose scalar square root and
+    divisions are then redone for every weight element of the largest product of the step
+    (about six times slower decoding).
+    """
+    return x.clone()
+
+
+@realize.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 TILE = 16  # output features per tile: one AVX-512 register of fp32 sums
 TILED_GEMM_MAX_ROWS = 256  # above this, one GEMM over the untiled weight is faster
 
@@ -65,6 +82,7 @@ def tiled_matmul(flat: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     a long prompt) untile the weight into one GEMM (docs/performance.md has the timings).
     """
     if fuses_rows(flat):
+        flat = realize(flat)
         return torch.stack([(row[None, :, None] * tiles).sum(1).flatten()
                             for row in flat.unbind(0)])
     if flat.size(0) > TILED_GEMM_MAX_ROWS:
