@@ -833,6 +833,27 @@ def test_cli_exports_and_force_replaces(session, tmp_path, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
 
 
+def test_cli_imports_a_gguf_file_that_generate_then_opens(session, tmp_path, capsys):
+    from gptkit.cli import main
+
+    gguf = session.files["f32"]
+    with pytest.raises(SystemExit) as refused:  # a GGUF file is not a model directory
+        main(["generate", "--model", str(gguf), "hi", "--greedy", "--device", "cpu"])
+    assert refused.value.code == 2
+    _, err = capsys.readouterr()
+    assert f"is a GGUF file, not a model directory; turn it into one with `gptkit import {gguf}" in err
+    out = tmp_path / "back"
+    main(["import", str(gguf), "--out", str(out)])
+    assert f"wrote {out}" in capsys.readouterr().out
+    model = GPT.from_pretrained(out)
+    assert gptkit_greedy(model, session.prompts[:2]) == session.greedy[:2]
+    with pytest.raises(SystemExit) as exists:
+        main(["import", str(gguf), "--out", str(out)])
+    assert exists.value.code == 2 and "already exists; pass --force" in capsys.readouterr().err
+    main(["import", str(session.files["f16"]), "--out", str(out), "--force"])
+    assert not torch.equal(GPT.from_pretrained(out).lm_head.weight, model.lm_head.weight)
+
+
 def _edited(session: Session, tmp_path: Path, **changes: Any) -> Path:
     return _edited_dir(session.model_dir, tmp_path, **changes)
 

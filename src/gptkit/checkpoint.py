@@ -380,6 +380,9 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
             )
         return path
     name = str(name_or_dir)
+    if path.suffix == ".gguf" and path.is_file():
+        raise GptkitError(f"'{name}' is a GGUF file, not a model directory; turn it into one "
+                          f"with `gptkit import {name} --out DIR`.")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or not name:
         raise GptkitError(f"'{name}' is not a model directory (expected a folder with {CONFIG_NAME}).")
     return download(name, MODEL_FILES, "a local model directory")

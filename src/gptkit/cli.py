@@ -202,6 +202,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {result.path} ({result.dtype}, {result.bytes / 1e6:.1f} MB, "
           f"{result.tensors} tensors) in {result.seconds:.1f}s")
 
+def cmd_import(args: argparse.Namespace) -> None:
+    """Turn a GGUF file written by `gptkit export` back into a model directory."""
+    from gptkit.export.gguf_import import import_gguf
+
+    directory = import_gguf(args.file, args.out, force=args.force)
+    print(f"wrote {directory}: a model directory that gptkit and transformers open")
+
+
 # -- flags from dataclass fields ----------------------------------------------------------
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
@@ -389,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="f16",
                    help="weight matrices: f32, f16, bf16 or q8_0 (default: f16)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+
+    p = command("import", cmd_import)
+    p.add_argument("file", help="GGUF file written by gptkit export (f32, f16, bf16 or q8_0)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     return parser
 
 

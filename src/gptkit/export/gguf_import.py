@@ -49,7 +49,7 @@ def import_gguf(path: str | Path, out_dir: str | Path, *, force: bool = False) -
 
     path, out_dir = Path(path), Path(out_dir)
     if out_dir.exists() and not force:
-        raise GptkitError(f"{out_dir} already exists; pass force=True to replace it.")
+        raise GptkitError(f"{out_dir} already exists; pass --force (force=True) to replace it.")
     reader = _open(path)
     fields = {name: _value(field) for name, field in reader.fields.items()
               if not name.startswith("GGUF.")}
