@@ -77,7 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         show_probs(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, top=args.top,
                    do_sample=not args.greedy, temperature=args.temperature, seed=args.seed)
     elif args.task or args.input:
-        spec, examples = read_task_inputs(directory, args.task, args.prompt, args.input)
+        spec, examples = read_task_inputs(directory, args.task, args.prompt, args.input,
+                                          num_beams=args.num_beams, draft_model=args.draft_model)
         model, tokenizer = load_directory(directory, **speed_from(args))
         print(*run_task(model, tokenizer, spec, examples, max_new_tokens=args.max_new_tokens,
                         stop=args.stop, num_return_sequences=args.num_return_sequences,

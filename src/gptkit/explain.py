@@ -60,10 +60,12 @@ def _prompt_ids(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]:
     return ids
 
 
-# `gptkit generate` settings that --show-probs does not apply, each with its unused value
+# `gptkit generate` settings that --show-probs does not apply (it runs the plain fp32
+# model, step by step), each with its unused value
 NOT_WITH_SHOW_PROBS = {"task": None, "input": None, "top_k": None, "top_p": None,
                        "repetition_penalty": 1.0, "stop": None, "num_return_sequences": 1,
-                       "num_beams": 1, "draft_model": None}
+                       "num_beams": 1, "draft_model": None, "dtype": "float32", "quantize": None,
+                       "compile": False}
 
 
 def check_show_probs_settings(settings: Mapping[str, Any]) -> None:

@@ -299,12 +299,18 @@ def read_inputs(value: str, spec: TaskSpec) -> list[Example]:
 
 
 def read_task_inputs(model_dir: str | Path, task: str | None, prompt: str | None,
-                     input: str | None) -> tuple[TaskSpec, list[Example]]:
+                     input: str | None, *, num_beams: int = 1, draft_model: str | None = None
+                     ) -> tuple[TaskSpec, list[Example]]:
     """`gptkit generate --task/--input`: the template to run and the inputs to run it on,
-    from exactly one of the prompt argument or --input; read before the model loads."""
+    from exactly one of the prompt argument or --input; read before the model loads.
+    Task outputs are generated in batches, greedy or sampled: beams and a draft model
+    are refused rather than ignored."""
     spec = load_task(model_dir, task)
     if (prompt is None) == (input is None):
         raise GptkitError("gptkit generate --task needs exactly one of a prompt argument or --input.")
+    if num_beams != 1 or draft_model is not None:
+        raise GptkitError("--task/--input does not combine with --num-beams or --draft-model; "
+                          "task outputs are generated greedily or sampled.")
     return spec, read_inputs(input if input is not None else prompt, spec)
 
 
