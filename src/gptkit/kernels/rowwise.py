@@ -48,7 +48,7 @@ def realize(x: torch.Tensor) -> torch.Tensor:
     Inductor inlines a cheap producer into its consumer's loop. Before the tiled head that
     can mean a parameter-free RMSNorm (nanochat's final norm) whose scalar square root and
     divisions are then redone for every weight element of the largest product of the step
-    (about six times slower decoding).
+    (docs/architectures.md has the measured cost).
     """
     return x.clone()
 
