@@ -309,6 +309,25 @@ def test_train_command_builds_the_family_transformers_opens(char_data, tmp_path)
         assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
 
 
+def test_train_command_ties_the_head_when_asked(char_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gptkit.cli import main
+
+    out = tmp_path / "run"
+    main(["train", "--data", str(char_data), "--out", str(out), "--arch", "qwen3",
+          "--tie-word-embeddings", "--optimizer", "muon", "--preset", "tiny", "--n-layer", "1",
+          "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
+          "--max-steps", "3", "--eval-interval", "0", "--device", "cpu"])
+    model = GPT.from_pretrained(out)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.transformer.wte.weight
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM" and hf.config.tie_word_embeddings
+    ids = torch.randint(0, model.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_finetune_command_keeps_the_family(lora, tmp_path, capsys):
     from transformers import AutoModelForCausalLM

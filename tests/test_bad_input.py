@@ -2,8 +2,9 @@
 
 Every case runs for real (CLI in-process through `gptkit.cli.main`, the Python API, the
 HTTP server through its ASGI app) and asserts the message and the exit code or status.
-`docs/errors.md` is rendered from this table; a test keeps the two identical
-(regenerate with `python tests/test_bad_input.py > docs/errors.md`).
+`docs/errors.md` is rendered from this table, and a test checks that each of its rows
+shows a message the case accepts (regenerate it with
+`GPTKIT_WRITE_ERRORS=1 python -m pytest -n 0 tests/test_bad_input.py`).
 """
 
 from __future__ import annotations
@@ -184,6 +185,10 @@ CLI_CASES = [
     Case("cli", "an --arch that does not exist",
          ["train", "--data", "{data}", "--out", "{tmp}/r", "--arch", "llama2"],
          r"--arch 'llama2' is unknown \(did you mean 'llama'\?\); expected one of gpt2, llama, qwen3, nanochat", 2),
+    Case("cli", "an untied head for GPT-2, whose head is always the embedding",
+         ["train", "--data", "{data}", "--out", "{tmp}/r", "--no-tie-word-embeddings"],
+         r"tie_word_embeddings=False does not fit arch 'gpt2' \(transformers' GPT2LMHeadModel\); "
+         r"expected True", 2),
     Case("cli", "an --optimizer that does not exist",
          ["train", "--data", "{data}", "--out", "{tmp}/r", "--optimizer", "adam"],
          r"--optimizer 'adam' is unknown \(did you mean 'adamw'\?\); expected one of adamw, muon", 2),
@@ -474,6 +479,3 @@ def test_docs_errors_md_lists_every_case():
         assert row is not None, f"docs/errors.md lacks '{case.mistake}'"
         assert re.search(case.match, row.replace("\\|", "|")), row
 
-
-if __name__ == "__main__":
-    print(render({}))

@@ -227,8 +227,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
         text = helps[f.name]
         if default not in (None, "", False) and "default" not in text:
             text += f" (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        if kind is bool:  # a field that defaults to None has a --no- form too
+            action = argparse.BooleanOptionalAction if f.default is None else "store_true"
+            parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=text)
         else:
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
                                 help=text)

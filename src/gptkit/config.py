@@ -527,6 +527,8 @@ TRAIN_HELP = {
     "arch": "architecture family: gpt2, llama, qwen3 or nanochat (docs/architectures.md; "
             "default: gpt2, or the --init-from model's own)",
     "n_kv_head": "key/value heads, for grouped-query attention (default: as many as --n-head)",
+    "tie_word_embeddings": "the LM head reuses the token embedding matrix, or with --no-... has "
+                           "its own (default: the architecture's: tied for gpt2, untied otherwise)",
     "n_layer": "Transformer blocks (overrides the preset)",
     "n_head": "attention heads per block (overrides the preset)",
     "n_embd": "width of the residual stream (overrides the preset)",
@@ -575,6 +577,7 @@ class TrainConfig:
     preset: str = "small"
     arch: str | None = None  # None: gpt2 for a new model, the model's own with --init-from
     n_kv_head: int | None = None
+    tie_word_embeddings: bool | None = None  # None: the architecture's default
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None

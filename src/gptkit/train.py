@@ -389,9 +389,9 @@ def adjust_accumulation(cfg: TrainConfig, state: dict[str, Any], info: distribut
 
 def build_model(cfg: TrainConfig, vocab_size: int, eos_token_id: int) -> GPT:
     """A fresh model from the preset, `--arch` and the shape flags, or the weights of `--init-from`."""
-    overrides = {name: getattr(cfg, name) for name in ("arch", "n_kv_head", "n_layer", "n_head", "n_embd",
-                                                       "block_size", "dropout")
-                 if getattr(cfg, name) is not None}
+    shape = ("arch", "n_kv_head", "tie_word_embeddings", "n_layer", "n_head", "n_embd",
+             "block_size", "dropout")
+    overrides = {name: getattr(cfg, name) for name in shape if getattr(cfg, name) is not None}
     if cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from)
         if overrides.get("arch") == model.config.arch:
