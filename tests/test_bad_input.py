@@ -44,6 +44,7 @@ def api_cases() -> list[Case]:
     from gptkit.config import TrainConfig
     from gptkit.conversation import prompt_ids
     from gptkit.generate import generate
+    from gptkit.tasks import run_task
 
     def tiny(env):
         return GPT.from_pretrained(env["model"])
@@ -90,6 +91,10 @@ def api_cases() -> list[Case]:
              lambda env: generate(tiny(env), _ids(), num_beams=2, do_sample=True), r"num_beams", 0),
         Case("api", "min-lr above lr", lambda env: TrainConfig(lr=1e-4, min_lr=1e-3),
              r"min-lr", 0),
+        Case("api", "several sequences per task input",
+             lambda env: run_task(tiny(env), Tokenizer.from_pretrained(env["model"]), "summarize",
+                                  ["a text"], num_return_sequences=2),
+             r"one output per prompt; num_return_sequences must be 1, got 2", 0),
         Case("api", "a chat prompt whose last message is not from the user",
              lambda env: prompt_ids(*_chat(env), [_USER, _ANSWER]),
              r"the last message is from the assistant; expected the user's message to answer", 0),
@@ -222,6 +227,10 @@ CLI_CASES = [
     Case("cli", "--task with --num-beams",
          ["generate", "--model", "{model}", "a text", "--task", "summarize", "--num-beams", "2"],
          r"--task/--input does not combine with --num-beams or --draft-model", 2),
+    Case("cli", "--task with --num-return-sequences",
+         ["generate", "--model", "{model}", "a text", "--task", "summarize",
+          "--num-return-sequences", "2"],
+         r"--num-return-sequences works with plain prompts only, not --task/--input", 2),
     Case("cli", "--show-probs with a temperature below 0",
          ["generate", "--model", "{model}", "hi", "--show-probs", "--temperature", "-1"],
          r"temperature must be a number >= 0", 2),

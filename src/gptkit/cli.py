@@ -78,11 +78,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                    do_sample=not args.greedy, temperature=args.temperature, seed=args.seed)
     elif args.task or args.input:
         spec, examples = read_task_inputs(directory, args.task, args.prompt, args.input,
-                                          num_beams=args.num_beams, draft_model=args.draft_model)
+                                          num_beams=args.num_beams, draft_model=args.draft_model,
+                                          num_return_sequences=args.num_return_sequences)
         model, tokenizer = load_directory(directory, **speed_from(args))
         print(*run_task(model, tokenizer, spec, examples, max_new_tokens=args.max_new_tokens,
-                        stop=args.stop, num_return_sequences=args.num_return_sequences,
-                        **sampling), sep="\n")
+                        stop=args.stop, **sampling), sep="\n")
     else:
         model, tokenizer = load_directory(directory, **speed_from(args))
         draft = (load_directory(resolve_model_dir(args.draft_model), **speed_from(args))[0]
@@ -202,6 +202,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                           force=args.force)
     print(f"wrote {result.path} ({result.dtype}, {result.bytes / 1e6:.1f} MB, "
           f"{result.tensors} tensors) in {result.seconds:.1f}s")
+
 
 def cmd_import(args: argparse.Namespace) -> None:
     """Turn a GGUF file written by `gptkit export` back into a model directory."""

@@ -299,15 +299,17 @@ def read_inputs(value: str, spec: TaskSpec) -> list[Example]:
 
 
 def read_task_inputs(model_dir: str | Path, task: str | None, prompt: str | None,
-                     input: str | None, *, num_beams: int = 1, draft_model: str | None = None
-                     ) -> tuple[TaskSpec, list[Example]]:
+                     input: str | None, *, num_beams: int = 1, draft_model: str | None = None,
+                     num_return_sequences: int = 1) -> tuple[TaskSpec, list[Example]]:
     """`gptkit generate --task/--input`: the template to run and the inputs to run it on,
     from exactly one of the prompt argument or --input; read before the model loads.
-    Task outputs are generated in batches, greedy or sampled: beams and a draft model
-    are refused rather than ignored."""
+    Task outputs are generated in batches, one per input, greedy or sampled: several
+    sequences, beams and a draft model are refused rather than ignored."""
     spec = load_task(model_dir, task)
     if (prompt is None) == (input is None):
         raise GptkitError("gptkit generate --task needs exactly one of a prompt argument or --input.")
+    if num_return_sequences != 1:
+        raise GptkitError("--num-return-sequences works with plain prompts only, not --task/--input.")
     if num_beams != 1 or draft_model is not None:
         raise GptkitError("--task/--input does not combine with --num-beams or --draft-model; "
                           "task outputs are generated greedily or sampled.")
@@ -338,8 +340,10 @@ def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, max_
 
     from gptkit.generate import generate
 
-    if generate_kwargs.get("num_return_sequences", 1) != 1:  # one output per prompt
-        raise GptkitError("--num-return-sequences works with plain prompts only, not --task/--input.")
+    sequences = generate_kwargs.get("num_return_sequences", 1)
+    if sequences != 1:
+        raise GptkitError(f"task generation gives one output per prompt; num_return_sequences "
+                          f"must be 1, got {sequences!r}.")
     if not prompts:
         return []
     keep = model.config.block_size - max_new_tokens
