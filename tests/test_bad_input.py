@@ -60,7 +60,7 @@ def api_cases() -> list[Case]:
              lambda env: _edited_config(env, n_layer=10**9), r"'n_layer' is 1000000000", 0),
         Case("api", "config.json of another architecture",
              lambda env: _edited_config(env, model_type="mamba"),
-             r"model_type 'mamba', which gptkit does not build; it supports gpt2, llama, qwen3, nanochat", 0),
+             r"model_type 'mamba', which gptkit does not build; it supports gemma3_text, gpt2, llama, nanochat, qwen2, qwen3", 0),
         Case("api", "n_kv_head that does not divide n_head",
              lambda env: GPTConfig(arch="llama", n_head=4, n_kv_head=3, n_embd=32),
              r"n_kv_head=3 does not divide n_head=4", 0),
@@ -189,7 +189,7 @@ CLI_CASES = [
          ["train", "--data", "{data}", "--out", "{tmp}/r", "--preset", "smal"], r"did you mean 'small'", 2),
     Case("cli", "an --arch that does not exist",
          ["train", "--data", "{data}", "--out", "{tmp}/r", "--arch", "llama2"],
-         r"--arch 'llama2' is unknown \(did you mean 'llama'\?\); expected one of gpt2, llama, qwen3, nanochat", 2),
+         r"--arch 'llama2' is unknown \(did you mean 'llama'\?\); expected one of gemma3, gpt2, llama, nanochat, qwen2, qwen3", 2),
     Case("cli", "an untied head for GPT-2, whose head is always the embedding",
          ["train", "--data", "{data}", "--out", "{tmp}/r", "--no-tie-word-embeddings"],
          r"tie_word_embeddings=False does not fit arch 'gpt2' \(transformers' GPT2LMHeadModel\); "

@@ -79,10 +79,11 @@ PROMPTS = ["ROMEO:\n", "First Citizen:\nWe are", "KING HENRY", "\n\n", "What lig
            "O, ", "To be"]
 # The rotary families, trained briefly (ROTARY_STEPS) with the GPT-2 model's tokenizer:
 # llama with grouped-query attention (2 key/value heads for 4 query heads) and an untied
-# head; qwen3 with GQA, a tied head and its own head size (32: four heads are 128 wide in
-# a 64-wide model).
+# head; qwen2 with its query/key/value biases; qwen3 with GQA, a tied head and its own head
+# size (32: four heads are 128 wide in a 64-wide model).
 ROTARY = {
     "llama": dict(arch="llama", n_kv_head=2),
+    "qwen2": dict(arch="qwen2", n_kv_head=2),
     "qwen3": dict(arch="qwen3", n_kv_head=2, head_dim=32, tie_word_embeddings=True),
 }
 ROTARY_STEPS, ROTARY_LR = 40, 5e-3
@@ -395,15 +396,16 @@ def export_without_rope_pairs(model_dir: Path, out: Path) -> None:
     are: the mistake the permutation exists to avoid."""
     import dataclasses
 
-    from gptkit.export import gguf as exporter
+    from gptkit.export.gguf import export_gguf
+    from gptkit.families.llama import Llama
 
-    llama = exporter.ARCHITECTURES["llama"]
-    rules = tuple(dataclasses.replace(r, transform=None) for r in llama.tensors)
-    exporter.ARCHITECTURES["llama"] = dataclasses.replace(llama, tensors=rules)
+    layout = Llama.gguf
+    rules = tuple(dataclasses.replace(r, transform=None) for r in layout.tensors)
+    Llama.gguf = dataclasses.replace(layout, tensors=rules)
     try:
-        exporter.export_gguf(model_dir, out, dtype="f32", progress=False)
+        export_gguf(model_dir, out, dtype="f32", progress=False)
     finally:
-        exporter.ARCHITECTURES["llama"] = llama
+        Llama.gguf = layout
 
 
 def answer(session: Session, name: str) -> dict[str, Any]:
@@ -432,6 +434,47 @@ def gptkit_perplexity(model: GPT, windows: list[list[int]]) -> float:
 
 def llamacpp_perplexity(result: dict[str, Any]) -> float:
     return math.exp(result["nll"] / result["predicted"])
+
+
+# How far gptkit's best logit may lead llama.cpp's greedy token where they differ: a near-tie.
+# llama.cpp's logits are not gptkit's fp32 ones (its f16 KV cache even for f32 files, the
+# file's rounded weights, its own summation order); they moved the gap between two of
+# gptkit's top tokens by at most 0.0074 (f32), 0.014 (f16), 0.017 (bf16) and 0.060 (q8_0)
+# here (the spread qwen3 the most at f32 and f16), so about 3x that.
+GREEDY_TIE = {"f32": 0.02, "f16": 0.04, "bf16": 0.05, "q8_0": 0.2}
+
+
+def assert_greedy_matches(model_dir: Path, prompts: list[list[int]], got: list[list[int]],
+                          expected: list[list[int]], dtype: str) -> None:
+    """llama.cpp's greedy tokens `got` (or a rounded copy's) are gptkit's `expected` (after
+    each of `prompts`) up to near-ties. These models are briefly trained or noised, so at some positions their two
+    best logits are within rounding of each other, and which one llama.cpp takes depends on
+    the CPU (AVX2, AVX-512 and AVX-512 BF16 kernels round differently): exact equality
+    passed on one machine and failed on another. Each sequence is compared up to its first
+    divergence, accepted only where gptkit's model (`model_dir`, fp32, on the shared
+    prefix) puts llama.cpp's token within GREEDY_TIE[dtype] of its best (so its top-two
+    margin is below that too); any other divergence fails, naming the prompt, position,
+    tokens and margin. Past a divergence the prefixes differ and nothing is compared, so at
+    least half of all the tokens must agree before one: a check that accepted every
+    divergence could not fail."""
+    model = GPT.from_pretrained(model_dir).eval()
+    agreed = total = 0
+    for i, (prompt, ours, theirs) in enumerate(zip(prompts, got, expected, strict=True)):
+        assert len(ours) == len(theirs), f"prompt {i}: {len(ours)} tokens, gptkit {len(theirs)}"
+        same = [a == b for a, b in zip(ours, theirs, strict=True)]
+        n = same.index(False) if False in same else len(same)
+        agreed, total = agreed + n, total + len(theirs)
+        if n == len(theirs):
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + theirs[:n]]))[0, -1].double()
+        best, second = logits.topk(2).values.tolist()
+        behind = best - logits[ours[n]].item()
+        assert behind < GREEDY_TIE[dtype], (
+            f"prompt {i}, position {n}: llama.cpp chose token {ours[n]}, gptkit {theirs[n]}, "
+            f"whose logit leads it by {behind:.4g} (gptkit's top-two margin {best - second:.4g}); "
+            f"more than the {dtype} near-tie tolerance {GREEDY_TIE[dtype]}")
+    assert agreed >= total / 2, f"only {agreed} of {total} greedy tokens agree before a near-tie"
 
 
 # -- what llama.cpp does with the files ---------------------------------------------------
@@ -501,16 +544,16 @@ def test_llamacpp_detokenizes_like_gptkit(session):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_greedy_tokens_equal_gptkit(session, dtype):
-    assert answer(session, f"model-{dtype}.gguf")["greedy"] == session.greedy
+    assert_greedy_matches(session.model_dir, session.prompts,
+                          answer(session, f"model-{dtype}.gguf")["greedy"], session.greedy, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "bf16"])
 def test_quantized_greedy_tokens_and_perplexity(session, dtype):
-    """The same greedy tokens on most prompts; llama.cpp's perplexity within 1% of gptkit's
-    fp32 model on held-out text."""
+    """The same greedy tokens up to near-ties (`assert_greedy_matches`); llama.cpp's
+    perplexity within 1% of gptkit's fp32 model on held-out text."""
     got = answer(session, f"model-{dtype}.gguf")["greedy"]
-    same = sum(a == b for a, b in zip(got, session.greedy, strict=True))
-    assert same > len(session.greedy) / 2, f"{same} of {len(session.greedy)} prompts"
+    assert_greedy_matches(session.model_dir, session.prompts, got, session.greedy, dtype)
     measured = llamacpp_perplexity(answer(session, f"model-{dtype}.gguf"))
     assert measured == pytest.approx(session.perplexity, rel=0.01)
 
@@ -563,7 +606,9 @@ def test_file_sizes_and_tied_head(session):
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 @pytest.mark.parametrize("name", [*ROTARY, SPREAD])
 def test_rotary_greedy_tokens_equal_gptkit(session, name, dtype):
-    assert answer(session, f"{name}-{dtype}.gguf")["greedy"] == session.rotary_greedy[name]
+    assert_greedy_matches(session.rotary[name], session.prompts,
+                          answer(session, f"{name}-{dtype}.gguf")["greedy"],
+                          session.rotary_greedy[name], dtype)
 
 
 def test_spread_qwen3_greedy_check_compares_varied_tokens(session):
@@ -581,12 +626,13 @@ def test_spread_qwen3_greedy_check_compares_varied_tokens(session):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_rope_scaling_and_biases_in_llamacpp(session, name):
     """Linear rope scaling (llama.cpp's rope.scaling keys), llama3 rope scaling (its
-    rope_freqs tensor) and llama's biases: llama.cpp gives gptkit's greedy tokens and its
-    perplexity to 0.01%, while the change moves gptkit's perplexity by more than 0.1% (so a
-    file that ignored it would fail)."""
+    rope_freqs tensor) and llama's biases: llama.cpp gives gptkit's greedy tokens (up to
+    near-ties) and its perplexity to 0.01%, while the change moves gptkit's perplexity by
+    more than 0.1% (so a file that ignored it would fail)."""
     base = VARIANTS[name][0]
     result = answer(session, f"{name}-f32.gguf")
-    assert result["greedy"] == session.rotary_greedy[name]
+    assert_greedy_matches(session.rotary[name], session.prompts, result["greedy"],
+                          session.rotary_greedy[name], "f32")
     assert llamacpp_perplexity(result) == pytest.approx(session.rotary_perplexity[name], rel=1e-4)
     assert session.rotary_perplexity[name] != pytest.approx(session.rotary_perplexity[base],
                                                             rel=1e-3)
@@ -611,7 +657,7 @@ PERPLEXITY_REL = {"f32": 1e-4, "f16": 2e-4, "bf16": 0.01, "q8_0": 0.01}
 def test_rotary_tokenization_and_perplexity(session, name, dtype):
     """Token ids as gptkit's; the models have learned something (held-out perplexity far
     below the uniform 512); llama.cpp's perplexity within PERPLEXITY_REL of gptkit's fp32,
-    and for bf16 and q8_0 the same greedy tokens on most prompts."""
+    and the same greedy tokens up to near-ties (`assert_greedy_matches`)."""
     tokenizer = Tokenizer.from_pretrained(session.rotary[name])
     result = answer(session, f"{name}-{dtype}.gguf")
     for (label, text), ids in zip(TEXTS.items(), result["tokens"], strict=True):
@@ -619,8 +665,8 @@ def test_rotary_tokenization_and_perplexity(session, name, dtype):
     assert session.rotary_perplexity[name] < 200
     assert llamacpp_perplexity(result) == pytest.approx(session.rotary_perplexity[name],
                                                         rel=PERPLEXITY_REL[dtype])
-    same = sum(a == b for a, b in zip(result["greedy"], session.rotary_greedy[name], strict=True))
-    assert same > len(PROMPTS) / 2
+    assert_greedy_matches(session.rotary[name], session.prompts, result["greedy"],
+                          session.rotary_greedy[name], dtype)
 
 
 @pytest.mark.parametrize("name", list(ROTARY))
@@ -700,7 +746,7 @@ LOGITS_ATOL = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.1}
 def test_rotary_import_back_rounded(session, name, dtype, tmp_path):
     """The weights come back as the file holds them (`assert_as_file_holds`); the imported
     model's logits on held-out text stay within LOGITS_ATOL of the original's, and its
-    greedy tokens are the original's."""
+    greedy tokens are the original's up to near-ties (rounded weights may flip those too)."""
     from safetensors.torch import load_file
 
     from gptkit.export.gguf_import import import_gguf
@@ -714,7 +760,8 @@ def test_rotary_import_back_rounded(session, name, dtype, tmp_path):
     with torch.no_grad():
         error = (model(ids) - GPT.from_pretrained(session.rotary[name])(ids)).abs().max().item()
     assert error < LOGITS_ATOL[dtype], error
-    assert gptkit_greedy(model, session.prompts) == session.rotary_greedy[name]
+    assert_greedy_matches(session.rotary[name], session.prompts,
+                          gptkit_greedy(model, session.prompts), session.rotary_greedy[name], dtype)
 
 
 # -- import back ----------------------------------------------------------------------------
@@ -899,7 +946,7 @@ BAD_INPUT = [
      "llama3 rope scaling, which llama.cpp's qwen3 graph cannot apply"),
     ("yarn rope scaling", lambda s, t: [
         "--model", _rope(s, t, "llama", {"rope_type": "yarn", "factor": 4.0}),
-        "--out", t / "x.gguf"], "rope_type 'yarn', which gptkit does not export"),
+        "--out", t / "x.gguf"], "rope_type 'yarn', which gptkit does not compute"),
     ("qwen3 with biases", lambda s, t: [
         "--model", _edited_dir(s.rotary["qwen3"], t, attention_bias=True), "--out", t / "x.gguf"],
      "attention_bias=True, which llama.cpp's qwen3 does not support"),

@@ -206,12 +206,10 @@ def test_complete_staging_is_rolled_forward(tmp_path):
     assert (tmp_path / "b.txt").read_text() == "new b"
 
 
-def test_expected_shapes_match_the_network():
-    from gptkit.checkpoint import expected_shapes
-
+def test_tensor_shapes_match_the_network():
     config = GPTConfig(**TINY)
     real = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
-    assert expected_shapes(config) == real
+    assert config.tensor_shapes() == real
 
 
 def test_written_out_causal_attention_is_sdpa():
@@ -234,9 +232,9 @@ def test_compiled_cpu_training_traces_the_written_out_attention(monkeypatch):
     compiled_model.load_state_dict(eager.state_dict())
     traced = []
 
-    def spy(q, k, v):
+    def spy(q, k, v, scale=None):
         traced.append(q.shape)
-        return causal_attention(q, k, v)
+        return causal_attention(q, k, v, scale)
 
     monkeypatch.setattr(gptkit.kernels.ops, "causal_attention", spy)
     x = torch.randint(0, 40, (3, 16))

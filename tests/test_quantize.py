@@ -224,9 +224,9 @@ def test_inductor_decode_step_gives_the_eager_tokens(shakespeare, settings, monk
             return product(flat, weight)
         return recorded
 
-    def attention_spy(q, k, v, attn_mask):
+    def attention_spy(q, k, v, attn_mask, scale=None):
         traced.append(("attention", q.size(2)))
-        return masked_attention(q, k, v, attn_mask)
+        return masked_attention(q, k, v, attn_mask, scale)
 
     monkeypatch.setattr(gptkit.kernels.linear, "rowwise_matmul", spy("rowwise", rowwise_matmul))
     monkeypatch.setattr(gptkit.kernels.int8, "rowwise_matmul", spy("rowwise", rowwise_matmul))

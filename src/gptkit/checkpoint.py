@@ -1,7 +1,7 @@
 """Model directories on disk: safetensors in and out, atomic multi-file commits.
 
 One module used by train, generate, eval and serve. A model directory is the Hugging
-Face directory of the model's family, GPT-2, Llama, Qwen3 or nanochat (config.json,
+Face directory of the model's family (`gptkit.families` says its names) (config.json,
 model.safetensors, generation_config.json, plus the tokenizer files), so `transformers`
 opens ours and we open theirs.
 
@@ -41,10 +41,6 @@ COMPLETE_MARKER = "COMPLETE"
 MANIFEST_NAME = "gptkit_manifest.json"
 TRAIN_STATE_NAME = "train_state.pt"  # a run's resumable state: step, optimizer, data order
 
-# GPT-2 stores these as Conv1D weights (in, out); our nn.Linear holds (out, in).
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers old GPT-2 checkpoints carry (causal masks); not parameters.
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "chat_template.jinja")
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_FILES,
@@ -201,99 +197,33 @@ def to_hf_state_dict(model: GPT, state_dict: dict[str, torch.Tensor] | None = No
     """
     config = model.config
     state = state_dict if state_dict is not None else model.state_dict()
-    if config.arch == "gpt2":
-        out = {}
-        for name, tensor in state.items():
-            if name == "lm_head.weight":
-                continue
-            tensor = tensor.detach()
-            if name.endswith(_CONV1D_SUFFIXES):
-                tensor = tensor.t()
-            out[name] = tensor.to("cpu").float().contiguous()
-        return out
     out = {}
-    for ours, parts in hf_names(config).items():
+    for ours, parts in config.family.hf_layout(config).items():
         tensor = state[ours].detach().to("cpu").float()
-        pieces = tensor.split([rows for _, rows in parts])
-        out.update({name: piece.contiguous() for (name, _), piece in zip(parts, pieces, strict=True)})
+        pieces = tensor.split([rows for _, rows, _ in parts])
+        for (name, _, transpose), piece in zip(parts, pieces, strict=True):
+            out[name] = (piece.t() if transpose else piece).contiguous()
     return out
-
-
-def hf_names(config: GPTConfig) -> dict[str, list[tuple[str, int]]]:
-    """For a Llama-style family: each of our tensors as the HF tensors stacked (along the
-    first dimension) in it, with the rows each contributes; e.g. our attn.c_attn.weight
-    is the family's q_proj, k_proj and v_proj weights one above the other."""
-    C, hs, width = config.n_embd, config.head_dim, config.intermediate_size
-    q, kv = config.n_head * hs, config.n_kv_head * hs
-    weighted = config.norm == "rmsnorm"  # nanochat's norms have no tensors
-    names: dict[str, list[tuple[str, int]]] = {"transformer.wte.weight": [("model.embed_tokens.weight", config.vocab_size)]}
-    if weighted:
-        names["transformer.ln_f.weight"] = [("model.norm.weight", C)]
-    if not config.tie_word_embeddings:
-        names["lm_head.weight"] = [("lm_head.weight", config.vocab_size)]
-    if config.mlp == "swiglu":
-        mlp_in, mlp_out = ["gate_proj", "up_proj"], "down_proj"
-    else:
-        mlp_in, mlp_out = ["fc1"], "fc2"
-    for layer in range(config.n_layer):
-        ours, theirs = f"transformer.h.{layer}.", f"model.layers.{layer}."
-        if weighted:
-            names[ours + "ln_1.weight"] = [(theirs + "input_layernorm.weight", C)]
-            names[ours + "ln_2.weight"] = [(theirs + "post_attention_layernorm.weight", C)]
-        if config.qk_norm and weighted:
-            names[ours + "attn.q_norm.weight"] = [(theirs + "self_attn.q_norm.weight", hs)]
-            names[ours + "attn.k_norm.weight"] = [(theirs + "self_attn.k_norm.weight", hs)]
-        for kind in ("weight", "bias") if config.bias else ("weight",):
-            names[ours + f"attn.c_attn.{kind}"] = [
-                (theirs + f"self_attn.{proj}.{kind}", rows)
-                for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv))]
-            names[ours + f"attn.c_proj.{kind}"] = [(theirs + f"self_attn.o_proj.{kind}", C)]
-            names[ours + f"mlp.c_fc.{kind}"] = [(theirs + f"mlp.{proj}.{kind}", width) for proj in mlp_in]
-            names[ours + f"mlp.c_proj.{kind}"] = [(theirs + f"mlp.{mlp_out}.{kind}", C)]
-    return names
-
-
-def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """Our state dict's tensor shapes for `config` (a tied lm_head left out)."""
-    C, V, hs, width = config.n_embd, config.vocab_size, config.head_dim, config.intermediate_size
-    q, kv = config.n_head * hs, config.n_kv_head * hs
-    shapes = {"transformer.wte.weight": (V, C)}
-    if not config.rope:
-        shapes["transformer.wpe.weight"] = (config.block_size, C)
-    norm = {"layernorm": ("weight", "bias"), "rmsnorm": ("weight",), "rmsnorm_unweighted": ()}[config.norm]
-    shapes.update({f"transformer.ln_f.{kind}": (C,) for kind in norm})
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, C)
-    block = {f"{ln}.{kind}": (C,) for ln in ("ln_1", "ln_2") for kind in norm}
-    if config.qk_norm:
-        block.update({f"attn.{qk}.{kind}": (hs,) for qk in ("q_norm", "k_norm") for kind in norm})
-    fc = 2 * width if config.mlp == "swiglu" else width
-    linears = {"attn.c_attn": (q + 2 * kv, C), "attn.c_proj": (C, q),
-               "mlp.c_fc": (fc, C), "mlp.c_proj": (C, width)}
-    for name, shape in linears.items():
-        block[name + ".weight"] = shape
-        if config.bias:
-            block[name + ".bias"] = shape[:1]
-    for layer in range(config.n_layer):
-        shapes.update({f"transformer.h.{layer}.{name}": shape for name, shape in block.items()})
-    return shapes
 
 
 def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
                        source: str) -> dict[str, torch.Tensor]:
     """The family's HF tensors -> our state dict, checked against `config`."""
-    if config.arch == "gpt2":
-        return _from_gpt2_state_dict(tensors, config, source)
     import torch
 
-    expected, layout = expected_shapes(config), hf_names(config)
+    from gptkit.families.base import template_pattern
+
+    arch = config.family
+    expected, layout = config.tensor_shapes(), arch.hf_layout(config)
     where = {name: (ours, index) for ours, parts in layout.items()
-             for index, (name, _) in enumerate(parts)}
+             for index, (name, _, _) in enumerate(parts)}
+    ignored = [template_pattern(name) for name in arch.hf_ignored]
     pieces: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
-            continue  # a buffer older checkpoints carry; a tied head's copy of the embedding
-        key = name if name in where or name == "lm_head.weight" else "model." + name
+        key = name if name in where or name == "lm_head.weight" else arch.hf_prefix + name
+        if any(p.match(key) for p in ignored) or (
+                key == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # buffers older checkpoints carry; a tied head's copy of the embedding
         if key not in where:
             raise GptkitError(f"{source} holds an unexpected tensor '{name}'; it is not a "
                               f"{config.arch} model file matching config.json.")
@@ -307,42 +237,18 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
         if len(found) < len(parts):
             missing = parts[min(set(range(len(parts))) - set(found))][0]
             raise GptkitError(f"{source} lacks tensor '{missing}', which config.json implies.")
-        for index, (name, rows) in enumerate(parts):
+        for index, (name, rows, transpose) in enumerate(parts):
+            if transpose:
+                found[index] = found[index].t()
             want = (rows, *expected[ours][1:])
             if tuple(found[index].shape) != want:
+                shape = tuple(found[index].shape)
                 raise GptkitError(
-                    f"{source}: tensor '{name}' has shape {tuple(found[index].shape)} but "
-                    f"config.json implies {want}."
+                    f"{source}: tensor '{name}' has shape {shape[::-1] if transpose else shape} "
+                    f"but config.json implies {want[::-1] if transpose else want}."
                 )
         state[ours] = torch.cat([found[i] for i in range(len(parts))]) if len(parts) > 1 \
             else found[0].contiguous()
-    return state
-
-
-def _from_gpt2_state_dict(tensors: dict[str, torch.Tensor], config: GPTConfig,
-                          source: str) -> dict[str, torch.Tensor]:
-    """GPT-2 tensors (with or without the 'transformer.' prefix) -> our state dict, checked."""
-    expected = expected_shapes(config)
-    state = {}
-    for name, tensor in tensors.items():
-        if name.endswith(_IGNORED_SUFFIXES) or name == "lm_head.weight":
-            continue
-        key = name if name.startswith("transformer.") else "transformer." + name
-        if key not in expected:
-            raise GptkitError(f"{source} holds an unexpected tensor '{name}'; it is not a GPT-2 model file.")
-        if not tensor.is_floating_point():
-            raise GptkitError(f"{source}: tensor '{name}' has dtype {tensor.dtype}; expected floating point.")
-        if key.endswith(_CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        if tuple(tensor.shape) != expected[key]:
-            raise GptkitError(
-                f"{source}: tensor '{name}' has shape {tuple(tensor.shape)} but config.json implies "
-                f"{tuple(expected[key])}."
-            )
-        state[key] = tensor.contiguous()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise GptkitError(f"{source} lacks {len(missing)} tensor(s) the config needs, e.g. '{missing[0]}'.")
     return state
 
 

@@ -205,10 +205,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    """Turn a GGUF file written by `gptkit export` back into a model directory."""
+    """Turn a GGUF file (llama.cpp's, quantized too, or gptkit's) into a model directory."""
     from gptkit.export.gguf_import import import_gguf
 
-    directory = import_gguf(args.file, args.out, force=args.force)
+    directory = import_gguf(args.file, args.out, force=args.force, dtype=args.dtype)
     print(f"wrote {directory}: a model directory that gptkit and transformers open")
 
 
@@ -402,8 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     p = command("import", cmd_import)
-    p.add_argument("file", help="GGUF file written by gptkit export (f32, f16, bf16 or q8_0)")
+    p.add_argument("file", help="GGUF file written by llama.cpp's converter or gptkit export "
+                                "(any type the gguf package dequantizes: f32, f16, bf16, Q4_0 to "
+                                "Q8_0, the K-quants)")
     p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights of the directory (default: float32)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     return parser
 

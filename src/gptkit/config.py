@@ -1,20 +1,20 @@
 """Model configuration: one dataclass, the architecture families, named presets, HF JSON in and out.
 
-`GPTConfig` is saved as the Hugging Face `config.json` of its family (GPT-2, Llama, Qwen3
-or nanochat) next to every model, so `transformers` opens our directories and we open
-theirs. This module must stay
-light (no torch) so that `gptkit --help` is fast.
+`GPTConfig` is saved as the Hugging Face `config.json` of its family (`gptkit.families`
+translates each) next to every model, so `transformers` opens our directories and we open
+theirs. This module must stay light (no torch) so that `gptkit --help` is fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, closest
+from gptkit.families import FAMILIES, Family, by_model_type, family, rope, unknown
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -29,6 +29,11 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
 }
 
+# MLPs whose first projection gives a gate and an up half (two matrices in one)
+GATED_MLPS = ("swiglu", "geglu")
+# `GPTConfig.layer_types` entries, as Hugging Face names them
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
 # `TrainConfig.optimizer` values (see gptkit.optim).
 OPTIMIZERS = ("adamw", "muon")
 
@@ -38,57 +43,6 @@ MAX_DIM = 1 << 16
 MAX_LAYERS = 1024
 MAX_VOCAB = 1 << 22
 MAX_CONTEXT = 1 << 20
-
-
-def closest(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    """A ' (did you mean X?)' hint for a misspelt name, or ''."""
-    match = difflib.get_close_matches(name, list(choices), n=1)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-@dataclass(frozen=True)
-class Arch:
-    """One architecture family: what its blocks are, and which of its settings the
-    family's `transformers` class lets a checkpoint vary (the first value is the default)."""
-
-    model_type: str  # config.json's model_type
-    hf_class: str  # the transformers class that opens the directory
-    rope: bool  # rotary positions (else learned position embeddings)
-    norm: str  # "layernorm", "rmsnorm" (with a gain) or "rmsnorm_unweighted"
-    mlp: tuple[str, ...]  # "gelu", "swiglu", "relu2"
-    qk_norm: bool  # RMSNorm of each head's queries and keys
-    bias: tuple[bool, ...]  # biases of the blocks' linear layers
-    tie_word_embeddings: tuple[bool, ...]
-    logit_softcap: float  # default cap of the logits; 0 = none (and not available)
-    eps: float  # default epsilon of every norm
-    embed_norm: bool  # a norm right after the token embedding
-
-
-# The families gptkit builds, each saved as the Hugging Face directory of its own class.
-ARCHS: dict[str, Arch] = {
-    # GPT-2 (2019): learned positions, LayerNorm, GELU MLP, biases, tied head
-    "gpt2": Arch("gpt2", "GPT2LMHeadModel", rope=False, norm="layernorm", mlp=("gelu",),
-                 qk_norm=False, bias=(True,), tie_word_embeddings=(True,), logit_softcap=0.0,
-                 eps=1e-5, embed_norm=False),
-    # Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases
-    "llama": Arch("llama", "LlamaForCausalLM", rope=True, norm="rmsnorm", mlp=("swiglu",),
-                  qk_norm=False, bias=(False, True), tie_word_embeddings=(False, True),
-                  logit_softcap=0.0, eps=1e-6, embed_norm=False),
-    # Qwen3: Llama plus RMSNorm of each head's queries and keys
-    "qwen3": Arch("qwen3", "Qwen3ForCausalLM", rope=True, norm="rmsnorm", mlp=("swiglu",),
-                  qk_norm=True, bias=(False,), tie_word_embeddings=(False, True),
-                  logit_softcap=0.0, eps=1e-6, embed_norm=False),
-    # nanochat (Karpathy 2025): RoPE, parameter-free RMSNorm (also after the embedding),
-    # QK-norm, ReLU^2 MLP, untied head, logits soft-capped at 15
-    "nanochat": Arch("nanochat", "NanoChatForCausalLM", rope=True, norm="rmsnorm_unweighted",
-                     mlp=("relu2", "gelu"), qk_norm=True, bias=(False,),
-                     tie_word_embeddings=(False, True), logit_softcap=15.0, eps=1e-6,
-                     embed_norm=True),
-}
-ROPE_TYPES = ("default", "linear", "llama3")  # rope_scaling kinds gptkit computes
-_ROPE_SCALING_KEYS = {"linear": ("factor",),
-                      "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                 "original_max_position_embeddings")}
 
 
 @dataclass
@@ -108,18 +62,26 @@ class GPTConfig:
     layer_norm_epsilon: float | None = None  # epsilon of every norm (LayerNorm or RMSNorm)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    arch: str = "gpt2"  # one of ARCHS
+    arch: str = "gpt2"  # a family of gptkit.families
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); n_head
     head_dim: int | None = None  # width of one head; n_embd // n_head
     intermediate_size: int | None = None  # MLP hidden width; 4 n_embd (SwiGLU: ~8/3 n_embd)
-    norm: str | None = None  # "layernorm", "rmsnorm" or "rmsnorm_unweighted"
-    mlp: str | None = None  # "gelu", "swiglu" or "relu2"
+    norm: str | None = None  # "layernorm", "rmsnorm", "rmsnorm_unweighted", "rmsnorm_unit_offset"
+    mlp: str | None = None  # "gelu", "swiglu", "geglu" or "relu2"
     qk_norm: bool | None = None
     bias: bool | None = None  # biases in the blocks' linear layers
+    qkv_bias: bool | None = None  # biases in the query/key/value projection; None: as `bias`
     tie_word_embeddings: bool | None = None  # the LM head reuses the token embedding
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); 0 = none
     rope_theta: float | None = None  # base wavelength of rotary positions; 10000
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3", ...}
+    # sliding-window attention (Gemma 3): each layer's LAYER_TYPES entry (None: all full), the
+    # cache slots a sliding layer's query sees (its own and the sliding_window - 1 before it),
+    # and the rope base of the sliding layers, whose positions are never scaled (None: rope_theta)
+    layer_types: list[str] | None = None
+    sliding_window: int | None = None
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: int | None = None  # attention scores are q.k / sqrt(this); head_dim
 
     def __post_init__(self) -> None:
         limits = dict(
@@ -128,11 +90,9 @@ class GPTConfig:
         )
         for name, limit in limits.items():
             _check_int(name, getattr(self, name), limit)
-        if self.arch not in ARCHS:
-            raise GptkitError(f"Model config arch '{self.arch}' is unknown"
-                              f"{closest(str(self.arch), tuple(ARCHS))}; expected one of "
-                              f"{', '.join(ARCHS)}.")
-        arch = ARCHS[self.arch]
+        if self.arch not in FAMILIES:
+            raise unknown("Model config arch", self.arch)
+        arch = family(self.arch)
         if self.head_dim is None:
             if self.n_embd % self.n_head:
                 raise GptkitError(
@@ -154,27 +114,27 @@ class GPTConfig:
                 f"Model config head size {self.head_dim} is odd; rotary positions (arch "
                 f"'{self.arch}') rotate pairs of dimensions, so the head size must be even."
             )
-        defaults = dict(norm=arch.norm, mlp=arch.mlp[0], qk_norm=arch.qk_norm, bias=arch.bias[0],
-                        tie_word_embeddings=arch.tie_word_embeddings[0],
+        defaults = dict(norm=arch.norms[0], mlp=arch.mlps[0], qk_norm=arch.qk_norm,
+                        bias=arch.biases[0], tie_word_embeddings=arch.tied[0],
                         logit_softcap=arch.logit_softcap, layer_norm_epsilon=arch.eps,
-                        rope_theta=10000.0 if arch.rope else None)
+                        rope_theta=arch.rope_theta if arch.rope else None,
+                        layer_types=arch.layer_types(self.n_layer),
+                        sliding_window=arch.sliding_window, rope_local_theta=arch.rope_local_theta)
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if arch.qkv_biases and self.qkv_bias is None:
+            self.qkv_bias = arch.qkv_biases[0]
+        elif not arch.qkv_biases and self.qkv_bias == self.bias:
+            self.qkv_bias = None  # as `bias`, which the family's class ties it to
         if self.intermediate_size is None:
             self.intermediate_size = _default_intermediate(self.n_embd, self.mlp)
         _check_int("intermediate_size", self.intermediate_size, 1 << 20)
         # what the family's transformers class can express, and nothing else
         allowed: dict[str, tuple[Any, ...]] = dict(
-            norm=(arch.norm,), mlp=arch.mlp, qk_norm=(arch.qk_norm,), bias=arch.bias,
-            tie_word_embeddings=arch.tie_word_embeddings)
-        if self.arch in ("gpt2", "nanochat"):  # their configs have no head_dim / kv heads of their own
-            allowed["head_dim"] = (self.n_embd // self.n_head,) if self.n_embd % self.n_head == 0 else ()
-        if self.arch == "gpt2":
-            allowed.update(n_kv_head=(self.n_head,), intermediate_size=(4 * self.n_embd,),
-                           rope_theta=(None,), rope_scaling=(None,))
-        if not arch.logit_softcap:
-            allowed["logit_softcap"] = (0.0,)
+            norm=arch.norms, mlp=arch.mlps, qk_norm=(arch.qk_norm,), bias=arch.biases,
+            tie_word_embeddings=arch.tied, qkv_bias=arch.qkv_biases or (None,),
+        ) | arch.constraints(self)
         for name, choices in allowed.items():
             if getattr(self, name) not in choices:
                 expected = " or ".join(repr(c) for c in choices) or "n_embd divisible by n_head"
@@ -189,7 +149,8 @@ class GPTConfig:
             raise GptkitError(f"Model config rope_theta is {self.rope_theta!r}; expected a number "
                               "above 1 (10000 is usual).")
         if self.rope_scaling is not None:
-            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+            self.rope_scaling = rope.check_scaling(self.rope_scaling)
+        self._check_attention_layers()
         if not isinstance(self.layer_norm_epsilon, (int, float)) or not 0 < self.layer_norm_epsilon < 1:
             raise GptkitError(f"Model config layer_norm_epsilon is {self.layer_norm_epsilon!r}; "
                               "expected a small positive number.")
@@ -203,27 +164,96 @@ class GPTConfig:
                 )
 
     @property
+    def family(self) -> Family:
+        """The architecture family (`gptkit.families`): the network's flags, its files."""
+        return family(self.arch)
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        """The query/key/value projection has a bias (`qkv_bias`, or else `bias`)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
     def rope(self) -> bool:
-        """Rotary positions (Llama, Qwen3, nanochat) rather than learned ones (GPT-2)."""
-        return ARCHS[self.arch].rope
+        """Rotary positions (Llama and later) rather than learned ones (GPT-2)."""
+        return self.family.rope
 
     @property
     def embed_norm(self) -> bool:
         """A norm right after the token embedding (nanochat)."""
-        return ARCHS[self.arch].embed_norm
+        return self.family.embed_norm
+
+    @property
+    def embed_scale(self) -> bool:
+        """Token embeddings multiplied by sqrt(n_embd) (Gemma)."""
+        return self.family.embed_scale
+
+    @property
+    def sandwich_norm(self) -> bool:
+        """A norm of each sublayer's output before the residual add (Gemma)."""
+        return self.family.sandwich_norm
+
+    @property
+    def attn_scale(self) -> float | None:
+        """The factor of the attention scores q.k, 1 / sqrt(query_pre_attn_scalar); None:
+        the usual 1 / sqrt(head_dim)."""
+        return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """How many cache slots a query of layer `layer` sees, its own included (None: all
+        before it)."""
+        if self.layer_types is None or self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
+
+    def _check_attention_layers(self) -> None:
+        """Refuse sliding-window settings the network cannot build (one sentence each)."""
+        if self.layer_types is not None and (
+                not isinstance(self.layer_types, list) or len(self.layer_types) != self.n_layer
+                or any(kind not in LAYER_TYPES for kind in self.layer_types)):
+            raise GptkitError(f"Model config layer_types is {self.layer_types!r}; expected a list "
+                              f"of {self.n_layer} entries (one per layer), each "
+                              f"{' or '.join(map(repr, LAYER_TYPES))}.")
+        if "sliding_attention" in (self.layer_types or []):
+            _check_int("sliding_window", self.sliding_window, MAX_CONTEXT)
+        if self.rope_local_theta is not None and (
+                not isinstance(self.rope_local_theta, (int, float)) or self.rope_local_theta <= 1):
+            raise GptkitError(f"Model config rope_local_theta is {self.rope_local_theta!r}; "
+                              "expected a number above 1 (10000 is usual).")
+        if self.query_pre_attn_scalar is not None:
+            _check_int("query_pre_attn_scalar", self.query_pre_attn_scalar, MAX_DIM)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Our state dict's tensor shapes for this config (a tied lm_head left out)."""
+        C, V, hs, width = self.n_embd, self.vocab_size, self.head_dim, self.intermediate_size
+        q, kv = self.n_head * hs, self.n_kv_head * hs
+        shapes = {"transformer.wte.weight": (V, C)}
+        if not self.rope:
+            shapes["transformer.wpe.weight"] = (self.block_size, C)
+        norm = {"layernorm": ("weight", "bias"), "rmsnorm": ("weight",),
+                "rmsnorm_unweighted": (), "rmsnorm_unit_offset": ("weight",)}[self.norm]
+        shapes.update({f"transformer.ln_f.{kind}": (C,) for kind in norm})
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (V, C)
+        norms = ("ln_1", "ln_post_attn", "ln_2", "ln_post_mlp") if self.sandwich_norm \
+            else ("ln_1", "ln_2")
+        block = {f"{ln}.{kind}": (C,) for ln in norms for kind in norm}
+        if self.qk_norm:
+            block.update({f"attn.{qk}.{kind}": (hs,) for qk in ("q_norm", "k_norm") for kind in norm})
+        fc = 2 * width if self.mlp in GATED_MLPS else width
+        linears = {"attn.c_attn": (q + 2 * kv, C), "attn.c_proj": (C, q),
+                   "mlp.c_fc": (fc, C), "mlp.c_proj": (C, width)}
+        for name, shape in linears.items():
+            block[name + ".weight"] = shape
+            if self.has_qkv_bias if name == "attn.c_attn" else self.bias:
+                block[name + ".bias"] = shape[:1]
+        for layer in range(self.n_layer):
+            shapes.update({f"transformer.h.{layer}.{name}": shape for name, shape in block.items()})
+        return shapes
 
     def num_params(self) -> int:
         """Parameters of the network this config describes (a tied head counted once)."""
-        C, hs, width = self.n_embd, self.head_dim, self.intermediate_size
-        q, kv = self.n_head * hs, self.n_kv_head * hs
-        norm = {"layernorm": 2 * C, "rmsnorm": C, "rmsnorm_unweighted": 0}[self.norm]
-        attn = C * (q + 2 * kv) + q * C + (q + 2 * kv + C) * self.bias + 2 * hs * (
-            self.qk_norm and self.norm == "rmsnorm")
-        mlp_in = 2 * width if self.mlp == "swiglu" else width
-        mlp = C * mlp_in + width * C + (mlp_in + C) * self.bias
-        embeddings = self.vocab_size * C * (1 if self.tie_word_embeddings else 2)
-        positions = 0 if self.rope else self.block_size * C
-        return embeddings + positions + self.n_layer * (2 * norm + attn + mlp) + norm
+        return sum(math.prod(shape) for shape in self.tensor_shapes().values())
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> GPTConfig:
@@ -254,74 +284,7 @@ class GPTConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` that the family's transformers config class reads."""
-        if self.arch == "gpt2":
-            return self._gpt2_hf_dict()
-        hf: dict[str, Any] = {
-            "architectures": [ARCHS[self.arch].hf_class],
-            "model_type": self.arch,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.n_embd,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.n_layer,
-            "num_attention_heads": self.n_head,
-            "num_key_value_heads": self.n_kv_head,
-            "max_position_embeddings": self.block_size,
-            "hidden_act": {"swiglu": "silu", "relu2": "relu2", "gelu": "gelu_pytorch_tanh"}[self.mlp],
-            "rms_norm_eps": self.layer_norm_epsilon,
-            "initializer_range": 0.02,
-            "attention_bias": self.bias,
-            "attention_dropout": self.dropout,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            # transformers 5 reads rope_parameters; rope_theta (and rope_scaling) are the
-            # keys older readers and converters such as llama.cpp's look for
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
-                                **(self.rope_scaling or {})},
-            "rope_theta": self.rope_theta,
-            "use_cache": True,
-            "bos_token_id": self.bos_token_id if self.bos_token_id is not None else self.eos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": None,
-            "dtype": "float32",
-        }
-        if self.rope_scaling:
-            hf["rope_scaling"] = dict(self.rope_scaling)
-        if self.arch in ("llama", "qwen3"):
-            hf["head_dim"] = self.head_dim
-        if self.arch == "llama":
-            hf.update(mlp_bias=self.bias, pretraining_tp=1)
-        if self.arch == "qwen3":
-            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layer,
-                      layer_types=["full_attention"] * self.n_layer)
-        if self.arch == "nanochat":
-            hf["final_logit_softcapping"] = self.logit_softcap or None
-        return hf
-
-    def _gpt2_hf_dict(self) -> dict[str, Any]:
-        eos = self.eos_token_id
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": self.vocab_size,
-            "n_positions": self.block_size,
-            "n_ctx": self.block_size,
-            "n_embd": self.n_embd,
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "resid_pdrop": self.dropout,
-            "embd_pdrop": self.dropout,
-            "attn_pdrop": self.dropout,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
-            "initializer_range": 0.02,
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": True,
-            "bos_token_id": self.bos_token_id if self.bos_token_id is not None else eos,
-            "eos_token_id": eos,
-            "dtype": "float32",
-        }
+        return self.family.config_to_hf(self)
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], source: str = "config.json") -> GPTConfig:
@@ -329,89 +292,16 @@ class GPTConfig:
         if not isinstance(hf, dict):
             raise GptkitError(f"{source} must hold a JSON object; got {type(hf).__name__}.")
         model_type = hf.get("model_type", "gpt2")
-        if model_type not in ARCHS:
+        arch = by_model_type(model_type)
+        if arch is None:
             raise GptkitError(
                 f"{source} has model_type '{model_type}', which gptkit does not build; it supports "
-                f"{', '.join(ARCHS)}."
+                f"{', '.join(sorted(f.model_type for f in FAMILIES.values()))}."
             )
-        if model_type == "gpt2":
-            return cls._from_gpt2_hf_dict(hf, source)
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "max_position_embeddings")
-        missing = [key for key in required if key not in hf]
-        if missing:
-            raise GptkitError(f"{source} lacks the {model_type} field(s) {', '.join(missing)}.")
-        activations = {"llama": {"silu": "swiglu"}, "qwen3": {"silu": "swiglu"},
-                       "nanochat": {"relu2": "relu2", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu"}}
-        act = hf.get("hidden_act", "relu2" if model_type == "nanochat" else "silu")
-        if act not in activations[model_type]:
-            raise GptkitError(f"{source} sets hidden_act={act!r}, which gptkit's {model_type} does "
-                              f"not support; expected {' or '.join(map(repr, activations[model_type]))}.")
-        bias = hf.get("attention_bias", False)
-        if model_type == "llama" and hf.get("mlp_bias", False) != bias:
-            raise GptkitError(f"{source} sets attention_bias={bias!r} but mlp_bias="
-                              f"{hf.get('mlp_bias')!r}; gptkit's llama has biases in both or neither.")
-        if model_type == "qwen3" and (hf.get("use_sliding_window") or any(
-                kind != "full_attention" for kind in hf.get("layer_types") or [])):
-            raise GptkitError(f"{source} uses sliding-window attention, which gptkit's qwen3 does "
-                              "not implement; expected use_sliding_window false.")
-        theta, scaling = _rope_from_hf(hf, source)
-        dropout = hf.get("attention_dropout", 0.0)
-        softcap = hf.get("final_logit_softcapping") if model_type == "nanochat" else None
-        return cls(
-            arch=model_type,
-            vocab_size=hf["vocab_size"],
-            block_size=hf["max_position_embeddings"],
-            n_layer=hf["num_hidden_layers"],
-            n_head=hf["num_attention_heads"],
-            n_embd=hf["hidden_size"],
-            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim") if model_type != "nanochat" else None,
-            intermediate_size=hf.get("intermediate_size"),
-            mlp=activations[model_type][act],
-            bias=bias,
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            logit_softcap=float(softcap or 0.0),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            dropout=dropout if isinstance(dropout, (int, float)) else -1,
-            layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-            bos_token_id=_token_id(hf.get("bos_token_id"), hf["vocab_size"]),
-            eos_token_id=_token_id(hf.get("eos_token_id"), hf["vocab_size"]),
-        )
-
-    @classmethod
-    def _from_gpt2_hf_dict(cls, hf: dict[str, Any], source: str) -> GPTConfig:
-        unsupported = {
-            "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
-            "n_inner": (None,),
-            "scale_attn_by_inverse_layer_idx": (False,),
-            "reorder_and_upcast_attn": (False,),
-            "tie_word_embeddings": (True,),
-            "scale_attn_weights": (True,),
-        }
-        for key, allowed in unsupported.items():
-            if key in hf and hf[key] not in allowed and not (key == "n_inner" and hf[key] == 4 * hf.get("n_embd", 0)):
-                raise GptkitError(
-                    f"{source} sets {key}={hf[key]!r}, which gptkit's GPT-2 does not support; "
-                    f"expected {allowed[0]!r}."
-                )
-        required = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-        missing = [key for key in required if key not in hf]
-        if missing:
-            raise GptkitError(f"{source} lacks the GPT-2 field(s) {', '.join(missing)}.")
-        dropout = hf.get("resid_pdrop", 0.0)
-        return cls(
-            vocab_size=hf["vocab_size"],
-            block_size=hf["n_positions"],
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=hf["n_embd"],
-            dropout=dropout if isinstance(dropout, (int, float)) else -1,
-            layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-            bos_token_id=_token_id(hf.get("bos_token_id"), hf["vocab_size"]),
-            eos_token_id=_token_id(hf.get("eos_token_id"), hf["vocab_size"]),
-        )
+        values = arch.config_from_hf(hf, source)
+        vocab = values["vocab_size"]
+        return cls(**values, bos_token_id=_token_id(hf.get("bos_token_id"), vocab),
+                   eos_token_id=_token_id(hf.get("eos_token_id"), vocab))
 
 
 def _check_int(name: str, value: Any, limit: int) -> None:
@@ -424,48 +314,9 @@ def _check_int(name: str, value: Any, limit: int) -> None:
 def _default_intermediate(n_embd: int, mlp: str) -> int:
     """4 n_embd; a gated MLP (three matrices instead of two) gets 8/3 n_embd, rounded up to
     a multiple of 32, so that it has about the same parameters (Shazeer 2020)."""
-    if mlp == "swiglu":
+    if mlp in GATED_MLPS:
         return -(-8 * n_embd // 96) * 32
     return 4 * n_embd
-
-
-def _check_rope_scaling(scaling: Any) -> dict[str, Any]:
-    """A copy of a valid `rope_scaling` dict (transformers' rope_parameters without theta)."""
-    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
-    if kind not in _ROPE_SCALING_KEYS:
-        raise GptkitError(f"Model config rope_scaling {scaling!r} is not supported; expected None "
-                          f"or a dict with rope_type {' or '.join(map(repr, _ROPE_SCALING_KEYS))}.")
-    keys = _ROPE_SCALING_KEYS[kind]
-    values = {key: scaling.get(key) for key in keys}
-    bad = [key for key, value in values.items()
-           if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0]
-    if bad:
-        raise GptkitError(f"Model config rope_scaling of type '{kind}' needs positive numbers "
-                          f"for {', '.join(keys)}; got {scaling!r}.")
-    return {"rope_type": kind, **values}
-
-
-def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling) from transformers 5's rope_parameters or the older
-    rope_theta + rope_scaling keys."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if isinstance(params, dict) and "full_attention" in params and "rope_type" not in params:
-        params = params["full_attention"] or {}  # parameters per layer type
-    if not isinstance(params, dict):
-        raise GptkitError(f"{source} has rope_parameters {params!r}; expected an object.")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if kind not in ROPE_TYPES or factor not in (1, 1.0, None):
-        what = f"rope_type '{kind}'" if kind not in ROPE_TYPES else f"partial_rotary_factor {factor}"
-        raise GptkitError(f"{source} uses {what}, which gptkit does not compute; it supports "
-                          f"rope_type {', '.join(ROPE_TYPES)} over whole heads.")
-    if kind == "default":
-        return theta, None
-    scaling = {key: params.get(key) for key in _ROPE_SCALING_KEYS[kind]}
-    if kind == "llama3" and scaling["original_max_position_embeddings"] is None:
-        scaling["original_max_position_embeddings"] = hf["max_position_embeddings"]
-    return theta, {"rope_type": kind, **scaling}
 
 
 def _token_id(value: Any, vocab_size: Any) -> int | None:
@@ -524,7 +375,7 @@ TRAIN_HELP = {
     "data": "prepared data directory (train.bin, val.bin, meta.json; see gptkit prepare)",
     "out": "run directory: checkpoints, metrics.jsonl, loss.png",
     "preset": "model size: tiny, small, gpt2, gpt2-medium, gpt2-large or gpt2-xl",
-    "arch": "architecture family: gpt2, llama, qwen3 or nanochat (docs/architectures.md; "
+    "arch": "architecture family: gpt2, llama, qwen2, qwen3, gemma3 or nanochat (docs/architectures.md; "
             "default: gpt2, or the --init-from model's own)",
     "n_kv_head": "key/value heads, for grouped-query attention (default: as many as --n-head)",
     "tie_word_embeddings": "the LM head reuses the token embedding matrix, or with --no-... has "
@@ -631,9 +482,8 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise GptkitError(f"--preset '{self.preset}' is unknown{closest(self.preset, tuple(PRESETS))}; "
                               f"expected one of {', '.join(PRESETS)}.")
-        if self.arch is not None and self.arch not in ARCHS:
-            raise GptkitError(f"--arch '{self.arch}' is unknown{closest(str(self.arch), tuple(ARCHS))}; "
-                              f"expected one of {', '.join(ARCHS)}.")
+        if self.arch is not None and self.arch not in FAMILIES:
+            raise unknown("--arch", self.arch)
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:

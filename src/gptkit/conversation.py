@@ -291,7 +291,7 @@ def _plain(messages: Sequence[Message], add_generation_prompt: bool) -> tuple[st
 
 def chat_format(tokenizer: Tokenizer) -> ChatFormat:
     """The format of a model whose tokenizer this is: its template, or the plain transcript."""
-    variables = (("bos_token", tokenizer.pad_token), ("eos_token", tokenizer.eos_token),
+    variables = (("bos_token", tokenizer.bos_token), ("eos_token", tokenizer.eos_token),
                  ("pad_token", tokenizer.pad_token))
     return ChatFormat(tokenizer.chat_template, variables)
 

@@ -8,6 +8,7 @@ it into a 400. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ from typing import Any
 
 class GptkitError(ValueError):
     """A user-facing error: its message is one clear sentence."""
+
+
+def closest(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    """A ' (did you mean X?)' hint for a misspelt name, or ''."""
+    match = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
 
 
 def read_json(path: Path) -> Any:

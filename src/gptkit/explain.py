@@ -23,7 +23,7 @@ import torch
 
 from gptkit.errors import GptkitError
 from gptkit.generate import check_sampling
-from gptkit.model import GPT
+from gptkit.model import GPT, window_mask
 
 if TYPE_CHECKING:
     from gptkit.tokenizer import Tokenizer
@@ -157,7 +157,8 @@ def attention_weights(model: GPT, ids: torch.Tensor, layer: int) -> HeadAttentio
     A forward hook captures what the attention module receives (the block input after
     ln_1, and the rotary angles of a RoPE model); Q, K, V come from the module's own
     `project` (QK-norm and rotation included), and the weights are
-    softmax(Q K^T / sqrt(hs)) over earlier positions, as the fused kernel computes them.
+    softmax(Q K^T / sqrt(hs)) over earlier positions (the layer's own scale and sliding
+    window where its family has them), as the fused kernel computes them.
     With grouped-query attention each key/value head is shown under every query head it
     serves.
     """
@@ -180,9 +181,11 @@ def attention_weights(model: GPT, ids: torch.Tensor, layer: int) -> HeadAttentio
     with torch.inference_mode():
         q, k, v = attn.project(x, rope)  # (B, nh, T, hs), (B, nkv, T, hs) x 2
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        weights = scores.float().masked_fill(~causal, float("-inf")).softmax(-1)
+        scale = attn.scale if attn.scale is not None else 1 / math.sqrt(q.size(-1))
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
+        slots = torch.arange(T, device=x.device)
+        visible = window_mask(slots, T, attn.window if attn.window is not None else T)
+        weights = scores.float().masked_fill(~visible, float("-inf")).softmax(-1)
     return HeadAttention(weights, v)
 
 

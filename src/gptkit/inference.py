@@ -34,7 +34,7 @@ from gptkit.kernels.linear import (
     bf16_supported,
     plain_linear,
 )
-from gptkit.model import GPT
+from gptkit.model import GPT, UnitOffsetRMSNorm
 from gptkit.runtime import pick_device, pick_dtype
 from gptkit.tokenizer import Tokenizer
 
@@ -119,7 +119,7 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
              and packed_rows is None)
     model.lm_head = TiledLinear(model.lm_head.weight) if tiled else make(model.lm_head)
     for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
+        if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm, UnitOffsetRMSNorm)):
             module.to(dtype)
     if device.type == "cpu":
         move_to_huge_pages(model)

@@ -15,11 +15,11 @@ from typing import Any
 
 from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
+from gptkit.families import family
 from gptkit.plot import split_metrics
 from gptkit.runlog import METRICS_NAME, run_or_model_dir
 
 CONFIG_NAME = "config.json"
-ARCH_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3", "nanochat": "nanochat"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
 
 
@@ -133,7 +133,7 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append("architecture:   no model saved yet (no config.json)")
     else:
         lines += [
-            f"architecture:   {ARCH_NAMES.get(config['arch'], config['arch'])}, "
+            f"architecture:   {family(config['arch']).display_name}, "
             f"{config['n_layer']} layers, {config['n_head']} heads"
             + (f" ({config['n_kv_head']} key/value)" if config["n_kv_head"] != config["n_head"] else "")
             + f", width {config['n_embd']}, vocabulary {config['vocab_size']:,}",

@@ -25,13 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptkit.checkpoint import commit_files, hf_names, write_json
+from gptkit.checkpoint import commit_files, write_json
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 
-# Module paths inside each block; peft's "c_attn"/"c_proj"/"c_fc" suffixes match the same four.
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-PEFT_TARGETS = ["c_attn", "c_proj", "c_fc"]
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -90,7 +87,7 @@ def apply_lora(model: GPT, rank: int, alpha: float | None = None, dropout: float
     alpha = float(2 * rank if alpha is None else alpha)
     model.requires_grad_(False)
     for block in model.transformer.h:
-        for path in TARGETS:
+        for path in model.config.family.lora_targets:
             parent_name, child = path.split(".")
             parent = getattr(block, parent_name)
             setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
@@ -142,7 +139,7 @@ def peft_config(model: GPT, base_model: str | None) -> dict[str, Any]:
     if not layers:
         raise GptkitError("the model has no LoRA adapters to save.")
     rank = layers[0].lora_A.shape[0]
-    gpt2 = model.config.arch == "gpt2"
+    family = model.config.family
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -150,10 +147,9 @@ def peft_config(model: GPT, base_model: str | None) -> dict[str, Any]:
         "r": rank,
         "lora_alpha": layers[0].scaling * rank,
         "lora_dropout": layers[0].dropout.p,
-        "target_modules": PEFT_TARGETS if gpt2 else sorted(
-            {name.rsplit(".", 3)[-3] for name in peft_tensors(model)}),
-        # GPT-2's projections are Conv1D (in, out): peft must transpose when merging.
-        "fan_in_fan_out": gpt2,
+        "target_modules": family.peft_targets(),
+        # weights stored (in, out), as GPT-2's Conv1D: peft must transpose when merging
+        "fan_in_fan_out": family.peft_fan_in_fan_out,
         "bias": "none",
         "inference_mode": True,
         "init_lora_weights": True,
@@ -164,14 +160,13 @@ def peft_config(model: GPT, base_model: str | None) -> dict[str, Any]:
 def peft_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """The adapters under peft's names, base_model.model.<HF module path>.lora_A.weight."""
     state = lora_state_dict(model)
-    if model.config.arch == "gpt2":  # our module paths are GPT-2's
-        return {f"base_model.model.{name}.weight": tensor.float() for name, tensor in state.items()}
-    layout = hf_names(model.config)
+    layout = model.config.family.hf_layout(model.config)
     tensors = {}
     for name in lora_layers(model):
         a, b = state[name + ".lora_A"].float(), state[name + ".lora_B"].float()
         parts = layout[name + ".weight"]
-        for (weight, _), piece in zip(parts, b.split([rows for _, rows in parts]), strict=True):
+        for (weight, _, _), piece in zip(parts, b.split([rows for _, rows, _ in parts]),
+                                         strict=True):
             module = "base_model.model." + weight.removesuffix(".weight")
             tensors[module + ".lora_A.weight"] = a.clone()  # shared by the split projections
             tensors[module + ".lora_B.weight"] = piece.contiguous()

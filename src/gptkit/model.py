@@ -1,10 +1,12 @@
 """The network: embeddings, positions, attention, MLP, norms, blocks, LM head, KV cache.
 
-One implementation builds every architecture family of `gptkit.config.ARCHS`: GPT-2
+One implementation builds every architecture family of `gptkit.families`: GPT-2
 (learned positions, LayerNorm, GELU), Llama (rotary positions, RMSNorm, SwiGLU,
 grouped-query attention), Qwen3 (Llama plus QK-norm) and nanochat (rotary positions,
-parameter-free RMSNorm also after the embedding, QK-norm, ReLU², soft-capped logits).
-The config says which; the code below differs between them only where the families do.
+parameter-free RMSNorm also after the embedding, QK-norm, ReLU², soft-capped logits) and
+Gemma 3 (sliding-window layers with their own rotary base, sandwich norms, GeGLU, scaled
+embeddings). The config says which; the code below differs between them only where the
+families do.
 
 The network only: how its operations run fast (fused kernels, compiled forms, inference
 layouts) is `gptkit.kernels`' business, and files are `gptkit.checkpoint`'s.
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gptkit import checkpoint
-from gptkit.config import GPTConfig
+from gptkit.config import GATED_MLPS, GPTConfig
 from gptkit.errors import GptkitError
+from gptkit.families import rope
 from gptkit.kernels import attention, gelu_tanh, lm_head_loss
 
 # The decode step's signature: (tokens (B, 1), input_pos, position_ids, attn_mask) -> logits (B, V)
@@ -100,39 +103,46 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     LayerNorm (GPT-2) subtracts the mean and divides by the standard deviation, then
     applies a gain and a bias. RMSNorm (Zhang & Sennrich 2019; Llama, Qwen3) only
     divides by the root mean square, x / sqrt(mean(x^2) + eps), then applies a gain;
-    nanochat drops the gain too, so its norms have no parameters at all.
+    nanochat drops the gain too, so its norms have no parameters at all; Gemma's gain is
+    1 + weight (`UnitOffsetRMSNorm`).
     """
     if config.norm == "layernorm":
         return nn.LayerNorm(dim, eps=config.layer_norm_epsilon)
+    if config.norm == "rmsnorm_unit_offset":
+        return UnitOffsetRMSNorm(dim, eps=config.layer_norm_epsilon)
     return nn.RMSNorm(dim, eps=config.layer_norm_epsilon,
                       elementwise_affine=config.norm == "rmsnorm")
 
 
-def rope_frequencies(config: GPTConfig, device: torch.device | str | None = None) -> torch.Tensor:
+class UnitOffsetRMSNorm(nn.Module):
+    """RMSNorm whose gain is 1 + weight, the weight starting at 0 (Gemma): computed in fp32
+    and rounded once at the end, as transformers' Gemma3RMSNorm does in any dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_frequencies(config: GPTConfig, device: torch.device | str | None = None,
+                     local: bool = False) -> torch.Tensor:
     """Rotary positions' angular frequencies, theta^(-2i/hs) for i < hs/2 (hs/2,), fp32.
 
     Pair i turns by position * frequency[i]: the first pairs fast, the last ones slowly,
     like the hands of a clock. `rope_scaling` stretches the slow ones for longer contexts
-    ("linear": all of them by `factor`; "llama3": only wavelengths beyond the original
-    context, blending in between), computed as transformers does.
+    (`gptkit.families.rope.scale_frequencies`). `local`: the sliding-window layers' own
+    base, `rope_local_theta`, never scaled (their window is shorter than any context).
     """
     hs = config.head_dim
     exponents = torch.arange(0, hs, 2, dtype=torch.int64, device=device).float() / hs
-    inv_freq = 1.0 / (config.rope_theta ** exponents)
-    scaling = config.rope_scaling
-    if scaling is None:
-        return inv_freq
-    factor = scaling["factor"]
-    if scaling["rope_type"] == "linear":
-        return inv_freq / factor
-    old_context = scaling["original_max_position_embeddings"]  # llama3
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    wavelength = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelength > old_context / low, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelength - low) / (high - low)
-    blended = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
-    return torch.where(medium, blended, scaled)
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** exponents)
+    return rope.scale_frequencies(inv_freq, None if local else config.rope_scaling, torch.where)
 
 
 class RotaryEmbedding(nn.Module):
@@ -145,12 +155,11 @@ class RotaryEmbedding(nn.Module):
     model's device but stay fp32 whatever dtype the model is cast to.
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, local: bool = False) -> None:
         super().__init__()
-        self.config = config
-        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
-        # transformers' NanoChat (like nanochat itself) turns the other way: sin negated
-        self.sin_sign = -1.0 if config.arch == "nanochat" else 1.0
+        self.config, self.local = config, local
+        self.register_buffer("inv_freq", rope_frequencies(config, local=local), persistent=False)
+        self.sin_sign = config.family.rope_sin_sign  # -1: the family turns the other way
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
         """cos, sin (B or 1, 1, T, hs) for positions (B or 1, T)."""
@@ -162,8 +171,18 @@ class RotaryEmbedding(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
                ) -> RotaryEmbedding:
         super()._apply(fn, recurse)
-        self.inv_freq = rope_frequencies(self.config, self.inv_freq.device)  # fp32 again
+        # fp32 again
+        self.inv_freq = rope_frequencies(self.config, self.inv_freq.device, self.local)
         return self
+
+
+def window_mask(query: torch.Tensor, n_keys: int, window: int) -> torch.Tensor:
+    """(..., T, S) True where key slot s lies in the sliding window of query slot q (`query`
+    (..., T)): q - window < s <= q, the `window` slots up to and including its own, as
+    transformers' sliding layers see them. A row's tokens fill consecutive slots (after any
+    left padding), so slot distance is position distance."""
+    distance = query[..., None] - torch.arange(n_keys, device=query.device)
+    return (distance >= 0) & (distance < window)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,15 +200,20 @@ class CausalSelfAttention(nn.Module):
 
     With grouped-query attention (Ainslie et al. 2023) nkv < nh: each key/value head
     serves nh / nkv consecutive query heads, which shrinks the KV cache by that factor.
+    A sliding-window layer (Gemma 3; Beltagy et al. 2020) sees only its last `window` slots,
+    which bounds what a long context costs it.
     """
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
+        self.window = config.window(layer)  # None: every earlier slot
+        self.scale = config.attn_scale  # None: 1 / sqrt(hs)
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.q_width, self.kv_width = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.dropout = config.dropout
         # q, k, v in one matmul: (C) -> (nh + 2 nkv) * hs
-        self.c_attn = nn.Linear(config.n_embd, self.q_width + 2 * self.kv_width, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, self.q_width + 2 * self.kv_width,
+                                bias=config.has_qkv_bias)
         self.c_proj = nn.Linear(self.q_width, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         # QK-norm (Qwen3, nanochat): each head's queries and keys RMS-normalised, which
@@ -223,10 +247,15 @@ class CausalSelfAttention(nn.Module):
             if input_pos is None:
                 raise ValueError("a model with a KV cache needs input_pos (the cache slots to write)")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hs)
+        if self.window is not None:  # the slots of the new tokens' queries, against all keys
+            query = input_pos if self.kv_cache is not None else torch.arange(T, device=x.device)
+            band = window_mask(query, k.size(2), self.window)  # (T, S) or (B, T, S)
+            band = band.unsqueeze(-3) if band.dim() == 3 else band
+            attn_mask = band if attn_mask is None else attn_mask & band
         # Flash / memory-efficient kernels where available; the causal mask is implicit
         # in training and explicit (over cache slots and padding) in generation.
         y = attention(q, k, v, attn_mask, is_causal=attn_mask is None and self.kv_cache is None,
-                      dropout_p=self.dropout if self.training else 0.0)
+                      dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, self.q_width)  # heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -236,24 +265,25 @@ class MLP(nn.Module):
 
     gelu (GPT-2): GELU in its tanh approximation, I = 4C. relu2 (nanochat): relu(x)^2,
     as cheap as ReLU and as smooth near 0 as GELU needs (So et al. 2021). swiglu (Llama,
-    Qwen3): silu(x W_gate) * (x W_up), a gate learnt per feature (Shazeer 2020); the two
-    input projections are one matrix here, c_fc (C -> 2I), gate rows first.
+    Qwen3): silu(x W_gate) * (x W_up), a gate learnt per feature (Shazeer 2020); geglu
+    (Gemma) gates with GPT-2's GELU instead of silu. The two input projections of a gated
+    MLP are one matrix here, c_fc (C -> 2I), gate rows first.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.kind = config.mlp
         width = config.intermediate_size
-        self.c_fc = nn.Linear(config.n_embd, 2 * width if self.kind == "swiglu" else width,
+        self.c_fc = nn.Linear(config.n_embd, 2 * width if self.kind in GATED_MLPS else width,
                               bias=config.bias)
         self.c_proj = nn.Linear(width, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)  # (B, T, I), or (B, T, 2I) for swiglu
-        if self.kind == "swiglu":
+        h = self.c_fc(x)  # (B, T, I), or (B, T, 2I) for a gated MLP
+        if self.kind in GATED_MLPS:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.kind == "swiglu" else gelu_tanh(gate)) * up
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
@@ -262,19 +292,27 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, config: GPTConfig) -> None:
+    With sandwich norms (Gemma 2 and 3) each sublayer's output is normalised too before
+    it joins the residual stream, x + norm(attn(norm(x))), which keeps every block's
+    contribution at a bounded scale however large its weights grow.
+    """
+
+    def __init__(self, config: GPTConfig, layer: int) -> None:
         super().__init__()
         self.ln_1 = make_norm(config, config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
+        sandwich = config.sandwich_norm
+        self.ln_post_attn = make_norm(config, config.n_embd) if sandwich else nn.Identity()
+        self.ln_post_mlp = make_norm(config, config.n_embd) if sandwich else nn.Identity()
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, rope: Rope | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), input_pos, attn_mask, rope)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.ln_post_attn(self.attn(self.ln_1(x), input_pos, attn_mask, rope))
+        return x + self.ln_post_mlp(self.mlp(self.ln_2(x)))
 
 
 _INIT_FUNCTIONS = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
@@ -312,10 +350,16 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             **layers,
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
             ln_f=make_norm(config, config.n_embd),
         ))
         self.rotary = RotaryEmbedding(config) if config.rope else None
+        # the sliding-window layers' own rotary base (Gemma 3), else they share `rotary`
+        self.rotary_local = (RotaryEmbedding(config, local=True)
+                             if config.rope and config.rope_local_theta is not None else None)
+        # Gemma scales the embeddings by sqrt(C), rounded to their dtype as transformers does
+        self.register_buffer("embed_scale", torch.tensor(config.n_embd ** 0.5)
+                             if config.embed_scale else None, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             # Weight tying (Press & Wolf 2017): the output projection reuses the token
@@ -328,7 +372,7 @@ class GPT(nn.Module):
         # Token ids at or above this are never generated: a vocabulary padded beyond its
         # tokenizer's (GPT-2's 50,257 to 50,304) has rows no tokenizer can decode.
         self.token_limit: int = config.vocab_size
-        if config.arch == "nanochat":
+        if config.family.init == "nanochat":
             self._init_nanochat()
             return
         self.apply(self._init_weights)
@@ -420,20 +464,25 @@ class GPT(nn.Module):
             start = 0 if input_pos is None else input_pos.reshape(-1)[0]
             position_ids = (torch.arange(T, device=idx.device) + start).unsqueeze(0)
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
+        if self.embed_scale is not None:
+            x = x * self.embed_scale.to(x.dtype)
+        rope = local = None
         if self.rotary is not None:
-            rope = self.rotary(position_ids, x.dtype)  # positions enter inside attention
+            rope = local = self.rotary(position_ids, x.dtype)  # positions enter inside attention
+            if self.rotary_local is not None:
+                local = self.rotary_local(position_ids, x.dtype)
         else:
             x = x + self.transformer.wpe(position_ids)
         if self.config.embed_norm:
             x = self.transformer.ln_emb(x)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
+            angles = rope if block.attn.window is None else local
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    block, x, input_pos, attn_mask, rope, use_reentrant=False)
+                    block, x, input_pos, attn_mask, angles, use_reentrant=False)
             else:
-                x = block(x, input_pos, attn_mask, rope)
+                x = block(x, input_pos, attn_mask, angles)
         return x
 
     # -- KV cache --------------------------------------------------------------------
@@ -484,13 +533,15 @@ class GPT(nn.Module):
     def from_state_dict(cls, config: GPTConfig, state: dict[str, torch.Tensor],
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> GPT:
-        """A model of `config` holding the tensors of `state` (checked by the caller), in eval mode."""
+        """A model of `config` holding the tensors of `state` (checked by the caller), in eval
+        mode, its weights `dtype` or else float32 whatever the file's type (hub models are
+        mostly saved in bfloat16; gptkit computes in float32 unless asked otherwise)."""
         with skip_weight_init():
             model = cls(config)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
-        model.to(device=device, dtype=dtype)
+        model.to(device=device, dtype=dtype or torch.float32)
         return model.eval()
 
     def save_pretrained(self, directory: str | Path) -> None:

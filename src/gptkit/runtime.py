@@ -6,8 +6,7 @@ import contextlib
 
 import torch
 
-from gptkit.config import closest
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, closest
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gptkit.config import closest
 from gptkit.data import jsonl_records
-from gptkit.errors import GptkitError, read_json
+from gptkit.errors import GptkitError, closest, read_json
 
 if TYPE_CHECKING:
     from gptkit.model import GPT

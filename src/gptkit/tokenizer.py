@@ -253,12 +253,15 @@ class Tokenizer:
         model_max_length: int | None = None,
         pad_token: str | None = None,
         chat_template: str | None = None,
+        specials: dict[str, str] | None = None,
     ) -> None:
         self._backend = backend
         self._kind = _detect_kind(json.loads(backend.to_str()))
         self._eos_token = eos_token
         # padding (and bos) stay end-of-text when a chat tokenizer's eos becomes <|im_end|>
         self._pad_token = pad_token or eos_token
+        # bos/unk tokens of a tokenizer made elsewhere (an imported GGUF), kept when saved
+        self._specials = dict(specials or {})
         self.model_max_length = model_max_length
         self.chat_template = chat_template  # a Jinja chat template (chat models), or None
         self._refresh()
@@ -404,8 +407,10 @@ class Tokenizer:
             )
         if backend.token_to_id(pad) is None:  # e.g. a pad token this engine does not keep
             pad = eos
+        specials = {name: token for name in ("bos_token", "unk_token")
+                    if backend.token_to_id(token := _token_text(config.get(name), "")) is not None}
         return cls(backend, eos_token=eos, model_max_length=max_len, pad_token=pad,
-                   chat_template=_read_chat_template(path, config))
+                   chat_template=_read_chat_template(path, config), specials=specials)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (and a chat
@@ -415,15 +420,14 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(directory / "tokenizer.json"))
         specials = {
-            "bos_token": self._pad_token,
+            "bos_token": self.bos_token,
             "eos_token": self._eos_token,
-            "unk_token": UNK if self._kind == "char" else self._pad_token,
+            "unk_token": self._specials.get(
+                "unk_token", UNK if self._kind == "char" else self._pad_token),
             "pad_token": self._pad_token,
         }
         config: dict[str, Any] = {
-            "tokenizer_class": (
-                "GPT2TokenizerFast" if self._kind == "bpe" else "PreTrainedTokenizerFast"
-            ),
+            "tokenizer_class": _transformers_class(json.loads(self._backend.to_str())),
             **specials,
             "add_prefix_space": False,
             "clean_up_tokenization_spaces": False,
@@ -463,6 +467,12 @@ class Tokenizer:
     @property
     def pad_token(self) -> str:
         return self._pad_token
+
+    @property
+    def bos_token(self) -> str:
+        """The token a text may start with (a chat template's bos_token): the file's own, or
+        the padding token of a tokenizer that has none (gptkit's)."""
+        return self._specials.get("bos_token", self._pad_token)
 
     @property
     def pad_token_id(self) -> int:
@@ -631,6 +641,18 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self._kind!r}, vocab_size={self._vocab_size})"
+
+
+def _transformers_class(spec: dict[str, Any]) -> str:
+    """The transformers class for a tokenizer.json: GPT2TokenizerFast puts GPT-2's own split
+    and byte mapping back, so only a tokenizer that splits exactly so may name it; any
+    other (digits apart, SentencePiece pieces) takes the file as it is."""
+    pre = spec.get("pre_tokenizer") or {}
+    gpt2 = (spec["model"].get("type") == "BPE" and spec["model"].get("merges")
+            and not spec.get("normalizer") and not spec["model"].get("byte_fallback")
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space"))
+    return "GPT2TokenizerFast" if gpt2 else "PreTrainedTokenizerFast"
 
 
 def _token_text(value: Any, default: str) -> str:

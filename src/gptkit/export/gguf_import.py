@@ -1,16 +1,19 @@
-"""GGUF import: a file written by `gptkit export` -> a model directory gptkit loads.
+"""GGUF import: a GGUF file -> a model directory gptkit and transformers load.
 
     from gptkit.export.gguf_import import import_gguf, load_gguf
-    import_gguf("mine.gguf", "runs/from-gguf")   # config.json, model.safetensors, tokenizer.json, ...
-    model, tokenizer = load_gguf("mine.gguf")     # the same, straight into memory
+    import_gguf("model.gguf", "runs/from-gguf")   # config.json, model.safetensors, tokenizer.json, ...
+    model, tokenizer = load_gguf("model.gguf")     # the same, straight into memory
 
-It reads the file with the `gguf` package's GGUFReader and walks the architecture table of
-`gptkit.export.gguf` backwards, so every architecture the exporter knows comes back.
+It reads the files llama.cpp's convert_hf_to_gguf.py and llama-quantize write (the ones
+in Ollama's and LM Studio's folders and on the hub) as well as gptkit's own exports, with
+the `gguf` package's GGUFReader, and walks each family's GGUF table (`gptkit.families`)
+backwards. Keys llama.cpp treats as optional take llama.cpp's defaults; keys gptkit cannot
+honour (experts, a rope over part of each head) are refused in one sentence naming them.
 f32 weights come back bit for bit (llama's q/k rows in Hugging Face's order again); f16
-and bf16 widen to f32 exactly; q8_0 is dequantized (each int8 times its block's f16
-scale). Rope scaling comes back from llama.cpp's linear keys or, for llama3 (whose
-rope_freqs tensor does not say its parameters), from the exporter's gptkit.rope_scaling. The directory is a Hugging Face one,
-like every gptkit model directory: transformers opens it too.
+and bf16 widen to f32 exactly; quantized types (Q4_0 to Q8_0, the K-quants) are
+dequantized. Rope scaling comes back from llama.cpp's linear keys or, for llama3 (whose
+rope_freqs tensor does not say its parameters), from the exporter's gptkit.rope_scaling.
+The tokenizer is rebuilt from tokenizer.ggml.* (`gptkit.export.gguf_vocab`).
 """
 
 from __future__ import annotations
@@ -23,15 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gptkit.errors import GptkitError
-from gptkit.export.gguf import (
-    ARCHITECTURES,
-    GPT2_PATTERN,
-    PRE_TOKENIZERS,
-    ROPE_FREQS,
-    TOKEN_EMBD,
-    Architecture,
-    rule_pattern,
-)
+from gptkit.export.gguf_vocab import end_of_turn_ids, tokenizer_files
+from gptkit.families import FAMILIES
+from gptkit.families.base import template_pattern
+from gptkit.families.gguf_table import ROPE_FREQS, TOKEN_EMBD, GGUFLayout
+
+IMPORT_DTYPES = ("float32", "bfloat16")
+# GGUF keys of models gptkit does not build (mixtures of experts), when nonzero
+UNSUPPORTED_KEYS = ("{arch}.expert_count", "{arch}.expert_used_count")
 
 if TYPE_CHECKING:
     import torch
@@ -39,15 +41,22 @@ if TYPE_CHECKING:
     from gptkit import GPT, Tokenizer
 
 
-def import_gguf(path: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write the model in the GGUF file `path` as a model directory `out_dir`.
+def import_gguf(path: str | Path, out_dir: str | Path, *, force: bool = False,
+                dtype: str = "float32", progress: bool | None = None) -> Path:
+    """Write the model in the GGUF file `path` as a model directory `out_dir`, its weights
+    as `dtype` (float32, or bfloat16 for half the size).
 
     An existing `out_dir` is refused unless `force`; the directory appears only when
-    complete (it is written under a temporary name, then renamed).
+    complete (it is written under a temporary name, then renamed). `progress`: a bar on
+    stderr over the tensors' bytes when True, none when False, on a terminal when None.
     """
+    import torch
     from safetensors.torch import save_file
 
     path, out_dir = Path(path), Path(out_dir)
+    if dtype not in IMPORT_DTYPES:
+        raise GptkitError(f"--dtype {dtype!r} is not an import type; expected "
+                          f"{' or '.join(IMPORT_DTYPES)}.")
     if out_dir.exists() and not force:
         raise GptkitError(f"{out_dir} already exists; pass --force (force=True) to replace it.")
     reader = _open(path)
@@ -55,20 +64,28 @@ def import_gguf(path: str | Path, out_dir: str | Path, *, force: bool = False) -
               if not name.startswith("GGUF.")}
     arch = _architecture(fields, path)
     config = _hf_config(fields, arch, path)
-    state = _state_dict(reader, arch, config, path)
+    state = _state_dict(reader, arch, config, path, progress)
+    if dtype == "bfloat16":
+        state = {name: tensor.to(torch.bfloat16) for name, tensor in state.items()}
+        config["dtype"] = "bfloat16"
     _from_tensors(config, arch, state, fields, path)
-    tokenizer_files = _tokenizer_files(fields, path)
+    tokenizer = tokenizer_files(fields, path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        files = {"config.json": config, **tokenizer_files,
+        # generation stops at the end of a text and at the end of a chat turn
+        stops = [config.get("eos_token_id"), *end_of_turn_ids(fields)]
+        stops = list(dict.fromkeys(i for i in stops if i is not None))
+        files = {"config.json": config, **tokenizer,
                  "generation_config.json": {"bos_token_id": config.get("bos_token_id"),
-                                            "eos_token_id": config.get("eos_token_id")}}
+                                            "eos_token_id": stops[0] if len(stops) == 1
+                                            else stops or None}}
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
             (tmp / name).write_text(text, encoding="utf-8")
+        _usual_permissions(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -78,9 +95,19 @@ def import_gguf(path: str | Path, out_dir: str | Path, *, force: bool = False) -
     return out_dir
 
 
+def _usual_permissions(directory: Path) -> None:
+    """The modes a new directory and its files get from the umask: mkdtemp makes a private
+    folder, which would keep the model from the machine's other users."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~mask)
+
+
 def load_gguf(path: str | Path, device: str | None = None,
               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """The model and tokenizer in a GGUF file written by `gptkit export`."""
+    """The model and tokenizer in a GGUF file (see `import_gguf`)."""
     from gptkit import GPT, Tokenizer
 
     with tempfile.TemporaryDirectory(prefix="gptkit-gguf-") as tmp:
@@ -107,28 +134,35 @@ def _value(field: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else value
 
 
-def _architecture(fields: dict[str, Any], path: Path) -> Architecture:
+def _architecture(fields: dict[str, Any], path: Path) -> GGUFLayout:
     name = fields.get("general.architecture")
-    for arch in ARCHITECTURES.values():
+    layouts = [f.gguf for f in FAMILIES.values() if f.gguf is not None]
+    for arch in layouts:
         if arch.gguf_arch == name:
             return arch
-    known = ", ".join(a.gguf_arch for a in ARCHITECTURES.values())
+    known = ", ".join(a.gguf_arch for a in layouts)
     raise GptkitError(f"{path} holds a {name!r} model, which gptkit cannot load; it loads "
                       f"GGUF files of {known}.")
 
 
-def _state_dict(reader: Any, arch: Architecture, config: dict[str, Any], path: Path
-                ) -> dict[str, torch.Tensor]:
-    """Hugging Face names and layouts, f32, from the GGUF tensors."""
+def _state_dict(reader: Any, arch: GGUFLayout, config: dict[str, Any], path: Path,
+                progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """Hugging Face names and layouts, f32, from the GGUF tensors (each type the `gguf`
+    package dequantizes: F32, F16, BF16, Q4_0 to Q8_0, the K-quants, the IQ types)."""
     import numpy as np
     import torch
     from gguf.quants import dequantize
+    from tqdm import tqdm
 
-    rules = [(rule, rule_pattern(rule.gguf)) for rule in arch.tensors]
+    rules = [(rule, template_pattern(rule.gguf)) for rule in arch.tensors]
     head_is_tied = not any(rule.gguf == "output.weight" for rule in arch.tensors)
     tensors = {t.name: t for t in reader.tensors}
     state: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=sum(int(t.n_bytes) for t in reader.tensors), unit="B", unit_scale=True,
+               desc=f"reading {path.name}", leave=False,
+               disable=None if progress is None else not progress)
     for name, tensor in tensors.items():
+        bar.update(int(tensor.n_bytes))
         if name == "output.weight" and head_is_tied:  # llama.cpp's converter writes it out
             continue
         if name == ROPE_FREQS and arch.rope_factors:  # made from config's rope_scaling
@@ -149,6 +183,7 @@ def _state_dict(reader: Any, arch: Architecture, config: dict[str, Any], path: P
             weight = rule.transform.from_gguf(weight, config)
         hf_name = arch.hf_prefix + rule.hf.format(bid=match.groupdict().get("bid"))
         state[hf_name] = weight.contiguous()
+    bar.close()
     if "output.weight" in tensors and head_is_tied:
         head = tensors["output.weight"]
         embedding = state.get(_embedding_name(arch))
@@ -160,22 +195,35 @@ def _state_dict(reader: Any, arch: Architecture, config: dict[str, Any], path: P
     return state
 
 
-def _embedding_name(arch: Architecture) -> str:
+def _embedding_name(arch: GGUFLayout) -> str:
     return arch.hf_prefix + next(r.hf for r in arch.tensors if r.gguf == TOKEN_EMBD)
 
 
-def _hf_config(fields: dict[str, Any], arch: Architecture, path: Path) -> dict[str, Any]:
+def _hf_config(fields: dict[str, Any], arch: GGUFLayout, path: Path) -> dict[str, Any]:
     """config.json as far as the GGUF keys tell it (`_from_tensors` adds the rest)."""
     import numpy as np
 
     config: dict[str, Any] = dict(arch.hf_config or {})
+    for template in UNSUPPORTED_KEYS:
+        key = template.format(arch=arch.gguf_arch)
+        if fields.get(key):
+            raise GptkitError(f"{path} sets {key}={fields[key]}: a mixture of experts, which "
+                              "gptkit does not build.")
+    read: dict[str, tuple[str, Any]] = {}  # config field -> (GGUF key, value) that set it
     for meta in arch.metadata:
         key = meta.key.format(arch=arch.gguf_arch)
+        if key not in fields and meta.optional:
+            continue  # llama.cpp's default, which is also the config.json default
         if key not in fields:
-            raise GptkitError(f"{path} lacks the metadata key {key}.")
+            raise GptkitError(f"{path} lacks the metadata key {key}, which llama.cpp's "
+                              f"{arch.gguf_arch} graph needs too.")
         value = fields[key]
         if meta.kind == "f32":  # the shortest decimal that is this float32 (1e-05, not 9.99e-06)
             value = float(str(np.float32(value)))
+        earlier = read.setdefault(meta.field, (key, value))
+        if earlier[1] != value:  # e.g. a rope over part of each head only
+            raise GptkitError(f"{path} has {key}={value} but {earlier[0]}={earlier[1]}; gptkit "
+                              f"builds models where the two are equal.")
         if meta.default is not None and value == meta.default(config):
             continue  # left to its default, as the original config.json most likely did
         config[meta.field] = value
@@ -187,10 +235,10 @@ def _hf_config(fields: dict[str, Any], arch: Architecture, path: Path) -> dict[s
                                      **(config["rope_scaling"] or {})}
         if config["rope_scaling"] is None:
             del config["rope_scaling"]
-    return config
+    return config if arch.finish_import is None else arch.finish_import(config, fields)
 
 
-def _rope_scaling(fields: dict[str, Any], arch: Architecture, path: Path
+def _rope_scaling(fields: dict[str, Any], arch: GGUFLayout, path: Path
                   ) -> dict[str, Any] | None:
     """rope_scaling as gptkit exported it (its own key), or from llama.cpp's linear keys."""
     saved = fields.get("gptkit.rope_scaling")
@@ -214,7 +262,7 @@ def _rope_scaling(fields: dict[str, Any], arch: Architecture, path: Path
     return None
 
 
-def _from_tensors(config: dict[str, Any], arch: Architecture, state: dict[str, torch.Tensor],
+def _from_tensors(config: dict[str, Any], arch: GGUFLayout, state: dict[str, torch.Tensor],
                   fields: dict[str, Any], path: Path) -> None:
     """What the tensors tell about config.json: the vocabulary, the switches that decide
     which tensors exist (biases, an untied head), the special tokens; then a check that
@@ -225,7 +273,7 @@ def _from_tensors(config: dict[str, Any], arch: Architecture, state: dict[str, t
     present: dict[str, tuple[Any, bool]] = {}
     for rule in arch.tensors:
         if rule.when is not None:
-            pattern = rule_pattern(arch.hf_prefix + rule.hf)
+            pattern = template_pattern(arch.hf_prefix + rule.hf)
             seen = present.get(rule.when.field, (None, False))[1]
             present[rule.when.field] = (rule.when.present_if,
                                         seen or any(pattern.match(name) for name in state))
@@ -237,71 +285,3 @@ def _from_tensors(config: dict[str, Any], arch: Architecture, state: dict[str, t
             config[f"{name}_token_id"] = int(value)
     GPTConfig.from_hf_dict(config, str(path))  # one sentence if gptkit could not load it
 
-
-def _tokenizer_files(fields: dict[str, Any], path: Path) -> dict[str, Any]:
-    """tokenizer.json (rebuilt from the GGUF vocabulary and merges), tokenizer_config.json
-    and, with a chat template, chat_template.jinja."""
-    from gguf import TokenType
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as HFTokenizer
-
-    model = fields.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise GptkitError(f"{path} has a {model!r} tokenizer; gptkit loads byte-level BPE "
-                          "('gpt2') tokenizers.")
-    pre = fields.get("tokenizer.ggml.pre")
-    pattern = next((p.pattern for p in PRE_TOKENIZERS if p.name == pre), None)
-    if pattern is None:
-        raise GptkitError(f"{path} has the pre-tokenizer {pre!r}, which gptkit does not know.")
-    tokens = fields["tokenizer.ggml.tokens"]
-    types = fields.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
-    # Added tokens after the last BPE token stay out of the BPE vocabulary and are appended
-    # by add_special_tokens, as `Tokenizer.train` builds them: the same tokenizer.json, so
-    # the same `Tokenizer.hash`, and prepared data still matches the imported model.
-    last_normal = max((i for i, kind in enumerate(types) if kind == TokenType.NORMAL), default=-1)
-    vocab = {t: i for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
-             if kind != TokenType.UNUSED and (kind == TokenType.NORMAL or i < last_normal)}
-
-    hf = HFTokenizer(models.BPE(vocab, merges))
-    if pattern == GPT2_PATTERN:
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    hf.post_processor = processors.ByteLevel(trim_offsets=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=True)
-                           for t, kind in zip(tokens, types, strict=True)
-                           if kind == TokenType.CONTROL])
-    hf.add_tokens([AddedToken(t, special=False, normalized=True)
-                   for t, kind in zip(tokens, types, strict=True)
-                   if kind == TokenType.USER_DEFINED])
-
-    for index, (text, kind) in enumerate(zip(tokens, types, strict=True)):
-        if kind != TokenType.UNUSED and hf.token_to_id(text) != index:
-            raise GptkitError(f"{path}: token {text!r} would not keep its id {index} in a "
-                              "tokenizer.json; expected the layout gptkit exports.")
-
-    def token(name: str) -> str | None:
-        index = fields.get(f"tokenizer.ggml.{name}_token_id")
-        return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else None
-
-    eos = token("eos")
-    config: dict[str, Any] = {
-        "tokenizer_class": "GPT2TokenizerFast",
-        "bos_token": token("bos") or eos, "eos_token": eos, "unk_token": eos,
-        "pad_token": token("padding") or eos,
-        "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-    }
-    context = next((v for k, v in fields.items() if k.endswith(".context_length")), None)
-    if isinstance(context, int):
-        config["model_max_length"] = context
-    files: dict[str, Any] = {"tokenizer.json": hf.to_str(pretty=True) + "\n",
-                             "tokenizer_config.json": config}
-    template = fields.get("tokenizer.chat_template")
-    if template:
-        config["chat_template"] = template
-        files["chat_template.jinja"] = template
-    return files

@@ -21,8 +21,10 @@ GELU_TWO_Z = 2 * math.sqrt(2 / math.pi)  # tanh(z) = 2 sigmoid(2z) - 1
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-              is_causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(hs)) V for q (B, nh, T, hs) over k, v (B, nkv, S, hs).
+              is_causal: bool, dropout_p: float = 0.0, scale: float | None = None
+              ) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(hs)) V for q (B, nh, T, hs) over k, v (B, nkv, S, hs); `scale`
+    replaces 1 / sqrt(hs) where a family says so (Gemma's query_pre_attn_scalar).
 
     Either `is_causal` (S == T, training and scoring), or `attn_mask` (B or 1, 1, T, S):
     the key slots each query may see (True = attend), as generation over a KV cache
@@ -31,34 +33,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     """
     if torch.compiler.is_compiling() and q.device.type == "cpu" and dropout_p == 0.0:
         if is_causal and q.size(-2) <= COMPILED_MATH_ATTENTION_MAX_T:
-            return causal_attention(q, k, v)
+            return causal_attention(q, k, v, scale)
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             # a decode step: the written-out form fuses into the step's own kernels,
             # where SDPA stays a separate call with a fixed cost
-            return masked_attention(q, k, v, attn_mask)
+            return masked_attention(q, k, v, attn_mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          is_causal=is_causal, enable_gqa=k.size(1) != q.size(1))
+                                          is_causal=is_causal, scale=scale,
+                                          enable_gqa=k.size(1) != q.size(1))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
     """softmax(Q K^T / sqrt(hs) + causal mask) V written out, (B, nh, T, hs) each: the
     textbook form, which the compiler fuses (scale, mask, softmax and their backward)."""
     i = torch.arange(q.size(-2), device=q.device)
     # an index comparison, not a bool triu mask with masked_fill, which inductor compiles
     # into a slower softmax
-    return masked_attention(q, k, v, i[None, :] <= i[:, None])
+    return masked_attention(q, k, v, i[None, :] <= i[:, None], scale)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     attn_mask: torch.Tensor) -> torch.Tensor:
+                     attn_mask: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(Q K^T / sqrt(hs)) V over the key slots where the bool `attn_mask` is True,
-    written out for the compiler: q (B, nh, T, hs), k and v (B, nkv, S, hs)."""
+    written out for the compiler: q (B, nh, T, hs), k and v (B, nkv, S, hs); `scale`
+    replaces 1 / sqrt(hs)."""
     B, nh, T, hs = q.shape
     nkv = k.size(1)
     if nkv != nh:  # grouped: each key/value head against its g query heads, never copied
         q, k, v = q.view(B, nkv, nh // nkv, T, hs), k.unsqueeze(2), v.unsqueeze(2)
         attn_mask = attn_mask if attn_mask.dim() < 3 else attn_mask.unsqueeze(2)  # (B, 1, 1, T, S)
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs) if scale is None else scale)
     y = torch.where(attn_mask, scores, float("-inf")).softmax(-1) @ v
     return y.view(B, nh, T, hs)
 

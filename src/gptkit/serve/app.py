@@ -36,9 +36,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from gptkit.config import closest
 from gptkit.conversation import ChatFormat, chat_format, stop_token_ids
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, closest
 
 if TYPE_CHECKING:
     from gptkit.serve.engine import Engine, Event, TokenLogprob
