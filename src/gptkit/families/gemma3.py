@@ -26,7 +26,7 @@ from gptkit.families.gguf_table import (
     TensorRule,
     Transform,
 )
-from gptkit.families.llama import LAYER, LLAMA_TENSORS, Llama, llama_gguf_tensors
+from gptkit.families.llama import LAYER, LLAMA_META, LLAMA_TENSORS, Llama, llama_gguf_tensors
 
 if TYPE_CHECKING:
     from gptkit.config import GPTConfig
@@ -154,11 +154,7 @@ GGUF_TENSORS = (
     *(TensorRule(f"{hf}.weight", f"{gguf}.weight", UNIT_OFFSET) for hf, gguf in GGUF_NORMS.items()),
 )
 GGUF_META = (
-    Meta("{arch}.context_length", "max_position_embeddings", "u32"),
-    Meta("{arch}.embedding_length", "hidden_size", "u32"),
-    Meta("{arch}.block_count", "num_hidden_layers", "u32"),
-    Meta("{arch}.feed_forward_length", "intermediate_size", "u32"),
-    Meta("{arch}.attention.head_count", "num_attention_heads", "u32"),
+    *LLAMA_META[:5],  # context, width, blocks, MLP width, heads: as Llama's
     # optional in llama.cpp, with its own defaults: `gguf_finish_import` reads them back
     Meta("{arch}.attention.head_count_kv", "num_key_value_heads", "u32",
          lambda c: HF_DEFAULTS["num_key_value_heads"], optional=True),
