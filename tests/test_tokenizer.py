@@ -283,3 +283,39 @@ def test_from_pretrained_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(GptkitError, match="Could not find 'no-such/tokenizer'.*tokenizer.json"):
         Tokenizer.from_pretrained("no-such/tokenizer")
+
+
+def test_prompts_start_with_the_bos_the_tokenizer_file_asks_for(trained: Tokenizer,
+                                                                tmp_path: Path) -> None:
+    """A tokenizer.json whose post-processor puts <s> before a text (Llama's and Gemma's
+    add_bos_token): a prompt to continue starts with it, as transformers' tokenizer(text)
+    gives, once even when the text (a rendered chat template) already starts with it;
+    `encode` stays the bare text's ids, and gptkit's own tokenizers add nothing."""
+    from gptkit import GPT, GPTConfig
+    from gptkit.generate import generate, stream_generate
+
+    assert trained.encode_prompt("hello world") == trained.encode("hello world")
+    trained.save_pretrained(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    bos = trained.eos_token_id  # <|endoftext|> plays the bos of this test
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": EOT, "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {EOT: {"id": EOT, "ids": [bos], "tokens": [EOT]}}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = Tokenizer.from_pretrained(tmp_path)
+    text = "the quick brown fox"
+    assert tokenizer.encode_prompt(text) == [bos, *tokenizer.encode(text)]
+    assert tokenizer.encode_prompt(text) == AutoTokenizer.from_pretrained(tmp_path)(text)["input_ids"]
+    assert tokenizer.encode_prompt(EOT + text) == tokenizer.encode(EOT + text) == [
+        bos, *tokenizer.encode(text)]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2,
+                          n_embd=32)).eval()
+    ids = torch.tensor([tokenizer.encode_prompt(text)])
+    expected = generate(model, ids, max_new_tokens=6, do_sample=False, eos_token_id=[])
+    streamed = "".join(stream_generate(model, tokenizer, text, max_new_tokens=6, do_sample=False,
+                                       eos_token_id=[]))
+    assert streamed == tokenizer.decode(expected[0, ids.size(1):].tolist())

@@ -46,6 +46,12 @@ class TextCodec(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+def _prompt_ids(tokenizer: TextCodec, prompt: str) -> list[int]:
+    """A text prompt's ids with the bos token its tokenizer starts texts with: gptkit's
+    `Tokenizer.encode_prompt`; a transformers tokenizer's `encode` adds it itself."""
+    return getattr(tokenizer, "encode_prompt", tokenizer.encode)(prompt)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How `sample_next` turns logits into a token; `do_sample=False` means argmax."""
@@ -659,7 +665,7 @@ def stream_generate(
     if not isinstance(prompt, str):
         raise GptkitError(f"prompt must be a string; got {type(prompt).__name__}.")
     _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty)
-    encoded = tokenizer.encode(prompt)
+    encoded = _prompt_ids(tokenizer, prompt)
     if not encoded:
         raise GptkitError("prompt encodes to no tokens; give at least one character of text.")
     ids, mask = _check_prompt(torch.tensor([encoded]), None, config.vocab_size, device)
@@ -695,7 +701,7 @@ def beam_texts(model: GPT, tokenizer: TextCodec, prompt: str, *, num_beams: int,
     """Beam search on one text prompt: the `num_return_sequences` best whole texts (prompt
     included, eos dropped), best first. `settings` are more of `generate`'s arguments
     (max_new_tokens, repetition_penalty, ...); it refuses those beam search cannot honour."""
-    ids = torch.tensor([tokenizer.encode(prompt)])
+    ids = torch.tensor([_prompt_ids(tokenizer, prompt)])
     out = generate(model, ids, num_beams=num_beams, num_return_sequences=num_return_sequences,
                    tokenizer=tokenizer, **settings)
     eos = model.config.eos_token_id

@@ -279,6 +279,9 @@ class Tokenizer:
         self._vocab_size = self._backend.get_vocab_size(with_added_tokens=True)
         self._unk_id = self._backend.token_to_id(UNK) if self._kind == "char" else None
         self._fast = _tiktoken_encoding(spec, self._pad_token) if self._kind == "bpe" else None
+        # what the tokenizer's post-processor puts before a text (a bos token, for the files
+        # whose add_bos_token is set: Llama, Gemma); gptkit's own add nothing
+        self._prefix = self._backend.encode("", add_special_tokens=True).ids
         self.__dict__.pop("hash", None)  # a cached hash of the old vocabulary
 
     # ---- construction -------------------------------------------------------------------
@@ -542,6 +545,14 @@ class Tokenizer:
         import torch
 
         return torch.tensor([ids], dtype=torch.long)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt to continue: `encode`, after the bos token the tokenizer's file
+        says a text starts with (as transformers' `tokenizer(text)` and llama.cpp add it),
+        unless the text already starts with it (a chat template that writes bos_token)."""
+        ids = self.encode(text)
+        prefix = self._prefix
+        return ids if not prefix or ids[:len(prefix)] == prefix else prefix + ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids of `text` and each token's (start, end) character span in it, from the

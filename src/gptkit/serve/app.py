@@ -750,7 +750,7 @@ def _encode_prompts(prompt: Any, served: _Served, param: str = "prompt") -> list
     encoded = []
     for text in prompts:
         try:
-            ids = served.tokenizer.encode(text) if isinstance(text, str) else text
+            ids = served.tokenizer.encode_prompt(text) if isinstance(text, str) else text
         except GptkitError as exc:
             raise ApiError(400, f"'{param}': {exc}", param=param) from None
         # An empty prompt starts from end-of-text, as GPT-2 begins a document.
