@@ -6,9 +6,11 @@ same greedy answers."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -180,7 +182,7 @@ def test_ctrl_c_before_the_answer_leaves_the_history_as_it_was(tmp_path, monkeyp
     monkeypatch.setattr("gptkit.chat.stream_generate", reading_the_prompt)
     assert session.respond("lost", lambda piece: None) == ("", True)
     assert session.messages == history
-    monkeypatch.setattr("gptkit.chat.fit_prompt", ctrl_c)  # Ctrl-C while the prompt is built
+    monkeypatch.setattr("gptkit.chat.fit_chat", ctrl_c)  # Ctrl-C while the prompt is built
     out = _Output()
     lines = iter(["also lost"])
 
@@ -376,3 +378,109 @@ def test_chat_command_survives_ctrl_c_during_an_answer(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_defaults_fit_a_small_model_and_a_seed_seeds_the_chat_once(tmp_path, monkeypatch, capsys):
+    """`gptkit chat` on a 64-token model starts with its defaults (answers of at most half
+    the context); --seed gives one random stream for the chat: answers to the same
+    message differ from turn to turn, and the same seed repeats the whole chat."""
+    directory = random_chat_model(tmp_path / "random", block_size=64)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # Ctrl-D at once
+    main(["chat", "--model", str(directory), "--device", "cpu"])
+    assert "context 64 tokens" in capsys.readouterr().out
+    model, tokenizer = GPT.from_pretrained(directory), Tokenizer.from_pretrained(directory)
+    assert ChatSession(model, tokenizer).max_new_tokens == 32
+
+    def chat(seed: int) -> list[str]:
+        session = ChatSession(model, tokenizer, max_new_tokens=8,
+                              sampling={"do_sample": True, "temperature": 1.0, "seed": seed})
+        answers = []
+        for _ in range(3):
+            session.reset()
+            answers.append(session.respond("hello", lambda piece: None)[0])
+        return answers
+
+    first = chat(1)
+    assert len(set(first)) == 3 and chat(1) == first != chat(2)
+
+
+def test_terminal_multiline_load_set_regen_verbose_and_bytes(tmp_path):
+    """The terminal's own features: messages over several lines (a backslash at the end, or
+    a \"\"\" block), /load of what /save wrote, /set mid-chat, /regen, the speed line of
+    /set verbose, and a byte that is not UTF-8 said in plain words with its position."""
+    from gptkit.chat import read_message
+
+    def reader(lines):
+        it = iter(lines)
+
+        def read(prompt: str) -> str:
+            line = next(it, None)
+            if line is None:
+                raise EOFError
+            if isinstance(line, Exception):
+                raise line
+            return line
+        return read
+
+    assert read_message(reader(["one\\", "two\\", "three"])) == "one\ntwo\nthree"
+    assert read_message(reader(['"""', "def f():", "    return 1", '"""'])) == "def f():\n    return 1"
+    assert read_message(reader(['"""a', 'b"""'])) == "a\nb"
+    assert read_message(reader(['"""one line"""'])) == "one line"
+
+    directory = random_chat_model(tmp_path / "random", block_size=128)
+    model, tokenizer = GPT.from_pretrained(directory), Tokenizer.from_pretrained(directory)
+    session = ChatSession(model, tokenizer, max_new_tokens=6)
+    saved = tmp_path / "saved.jsonl"
+    bad_bytes = UnicodeDecodeError("utf-8", b"caf\xe9 au lait", 3, 4, "invalid continuation byte")
+    out = _Output()
+    chat_in_terminal(session, "random", out=out, read=reader([
+        "first\\", "line", '"""', "a block", '"""', f"/save {saved}", "/set", "/set top_k 5",
+        "/set temperature 0.7", "/set temperature 0", "/set max_new_tokens 999", "/set bogus 1",
+        "/set top_p x", "/set verbose on", "/regen", "/set verbose off", bad_bytes, "caf\udce9"]))
+    text = out.getvalue()
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["first\nline",
+                                                                              "a block"]
+    assert "settings: temperature 0, top_k None, top_p None, repetition_penalty 1.0, " \
+           "max_new_tokens 6, verbose off" in text
+    assert "(top_k set to 5)" in text and session.sampling == {}  # temperature 0: greedy
+    assert "max_new_tokens is 999; expected 1 to 127" in text
+    assert "there is no setting 'bogus'" in text and "top_p must be a number; got 'x'" in text
+    assert re.search(r"\(prompt \d+ tokens, [\d.]+ tokens/s · answer \d+ tokens, [\d.]+ tokens/s\)",
+                     text), text
+    assert text.count("tokens/s") == 2  # verbose only for /regen
+    assert "byte 0xe9 at byte 4 of the line; the message was not sent" in text
+    assert "byte 0xe9 at character 4 of the message; the message was not sent" in text
+    # /regen answered the last message again (greedy: the same answer), in its place
+    assert len(session.messages) == 4
+    regen = ChatSession(model, tokenizer, max_new_tokens=6,
+                        sampling={"do_sample": True, "temperature": 1.0, "seed": 3})
+    regen.respond("hello", lambda piece: None)
+    answers = {regen.messages[-1]["content"]}
+    for _ in range(3):
+        regen.regenerate(lambda piece: None)
+        answers.add(regen.messages[-1]["content"])
+        assert [m["role"] for m in regen.messages] == ["user", "assistant"]
+    assert len(answers) > 1
+    # /load goes on with the saved conversation
+    other = ChatSession(model, tokenizer, max_new_tokens=6)
+    out = _Output()
+    chat_in_terminal(other, "random", out=out, read=reader([f"/load {saved}", "/load nowhere.jsonl"]))
+    assert f"(loaded the last conversation of {saved}: 4 messages)" in out.getvalue()
+    assert "nowhere.jsonl does not exist" in out.getvalue()
+    assert other.messages == read_conversations(saved)[-1].messages
+    session.configure("temperature", 0.7)
+    assert session.sampling == {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": None,
+                                "seed": None}
+
+
+def test_shipped_conversations_are_valid_and_as_their_script_writes_them():
+    """data/chat/conversations.jsonl, what the README's chat commands train on: 300 valid
+    multi-turn conversations, exactly what data/chat/make_conversations.py writes."""
+    import runpy
+
+    path = Path(__file__).resolve().parent.parent / "data" / "chat" / "conversations.jsonl"
+    conversations = read_conversations(path)
+    assert len(conversations) == 300
+    assert all(sum(m["role"] == "assistant" for m in c.messages) >= 2 for c in conversations)
+    script = runpy.run_path(str(path.parent / "make_conversations.py"))
+    assert script["file_text"]() == path.read_text(encoding="utf-8")

@@ -77,7 +77,7 @@ def test_generate_streams_text_and_greedy_is_deterministic(trained_run):
 def test_eval_reports_json(trained_run):
     result = gptkit("eval", "--model", trained_run / "run", "--data", trained_run / "data", "--json")
     report = json.loads(result.stdout)
-    assert set(report) == {"loss", "perplexity", "tokens"}
+    assert set(report) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
     assert report["perplexity"] == pytest.approx(torch.tensor(report["loss"]).exp().item(), rel=1e-5)
     text_file = trained_run / "corpus" / "part0.txt"
     on_text = json.loads(gptkit("eval", "--model", trained_run / "run", "--data", text_file,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit import data
+from gptkit import data, sources
 from gptkit.data import (
     TokenBatches,
     corpus_texts,
@@ -135,7 +135,7 @@ def test_many_pieces_encode_like_the_whole_file(
 ) -> None:
     """A file read in many pieces, encoded by two threads out of order, gives the ids of
     the whole text in corpus order."""
-    monkeypatch.setattr(data, "_PIECE_BYTES", 4096)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 4096)
     monkeypatch.setattr(data, "_GROUP_CHARS", 2048)
     (tmp_path / "input.txt").write_text(SHAKESPEARE, encoding="utf-8")
     prepare([tmp_path / "input.txt"], tok_dir, tmp_path / "out", workers=2, progress=False)
@@ -186,8 +186,8 @@ def test_char_tokenizer_reports_unknown_characters(tmp_path: Path) -> None:
     [
         (lambda d: [], {}, "no corpus given"),
         (lambda d: [d / "missing"], {}, "corpus path .*missing does not exist"),
-        (lambda d: [d / "emptydir"], {}, "emptydir contains no .txt, .md or .jsonl files"),
-        (lambda d: [d / "x.csv"], {}, "x.csv is not a .txt, .md or .jsonl file"),
+        (lambda d: [d / "emptydir"], {}, "emptydir contains no .txt, .md, .jsonl"),
+        (lambda d: [d / "x.csv"], {}, "x.csv is not a .txt, .md, .jsonl"),
         (lambda d: [d / "blank.txt"], {}, "the corpus \\(1 files\\) contains no text"),
         (lambda d: [d / "ok.txt"], {"val_fraction": 1.0}, "val_fraction 1.0 is outside"),
         (lambda d: [d / "ok.txt"], {"val_fraction": -0.1}, "val_fraction -0.1 is outside"),

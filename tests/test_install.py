@@ -15,6 +15,9 @@ from gptkit.errors import GptkitError
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS = ("tensorboard", "wandb")  # loggers a user opts into; everything else is a dependency
+# modules that exist to plug gptkit into an optional package (its extra), so import it at
+# module level; no other gptkit module imports them
+PLUGINS = {"lmeval.py": "lmeval"}
 COMES_WITH = {"starlette": "fastapi"}  # imported directly, installed (and pinned) by the other
 TRAIN_FLAGS = ["--preset", "tiny", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
                "--block-size", "16", "--batch-size", "2", "--max-steps", "1", "--device", "cpu"]
@@ -50,15 +53,25 @@ def test_every_imported_package_is_a_dependency_or_a_lazily_imported_extra():
     required = {_name(r) for r in project["dependencies"]}
     optional = {_name(r) for extra in EXTRAS for r in project["optional-dependencies"][extra]}
     assert set(EXTRAS) <= optional and not optional & required
+    plugged = {file: {_name(r) for r in project["optional-dependencies"][extra]}
+               for file, extra in PLUGINS.items()}
     distributions = importlib.metadata.packages_distributions()
     for file, module, at_module_level in _third_party_imports():
         names = {_name(d) for d in distributions.get(module, [module])}
         names |= {COMES_WITH[module]} if module in COMES_WITH else set()
-        if names & required:
+        if names & required or names & plugged.get(file, set()):
             continue
         assert names & optional, f"{file} imports {module}, which pyproject.toml does not declare"
         assert not at_module_level, (f"{file} imports the optional {module} at module level; "
                                      "import it where it is used")
+
+
+def test_plugins_are_imported_by_no_other_module():
+    for path in (REPO / "src" / "gptkit").rglob("*.py"):
+        for plugin in PLUGINS:
+            module = "gptkit." + plugin.removesuffix(".py")
+            if path.name != plugin:
+                assert module not in path.read_text(encoding="utf-8"), f"{path.name} imports {module}"
 
 
 def _hide(monkeypatch: pytest.MonkeyPatch, name: str, *loaded_by_others: str) -> None:

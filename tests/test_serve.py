@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 from openai import OpenAI
-from serve_helpers import free_port, live_server, make_model_dir, offline
+from serve_helpers import _loaded, free_port, live_server, make_model_dir, offline
 
 PROMPTS = ["the quick", "hello", "lazy dog. hel", "0123", "fox", "over the la", "w", "brown ;"]
 MODEL = "tiny"
@@ -183,7 +183,14 @@ def test_error_cases_do_not_disturb_requests_in_flight(url, model_dir):
         chat_errors = [
             ({"messages": []}, "messages"),
             ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
-            ({"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages[0].name"),
+            ({"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name"),
+            ({"messages": [{"role": "user", "content": "x", "weight": 1}]}, "messages[0].weight"),
+            ({"messages": [{"role": "user", "content": "x"}],
+              "response_format": {"type": "json_object"}}, "response_format"),
+            ({"messages": [{"role": "user", "content": "x"}], "user": 5}, "user"),
+            ({"messages": [{"role": "user", "content": "x"}], "min_p": 2}, "min_p"),
+            ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0},
+             "repetition_penalty"),
             ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
             ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
             ({"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
@@ -196,7 +203,7 @@ def test_error_cases_do_not_disturb_requests_in_flight(url, model_dir):
             (b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
             (b'{"prompt": "a", "temperature": NaN}', 400, "temperature"),
             (b'["prompt"]', 400, "JSON object"),
-            (b"\xff\xfe", 400, "not valid JSON"),
+            (b'{"prompt": "caf\xe9"}', 400, "not UTF-8: byte 0xe9 at position 15"),
             (b'{"prompt": "' + b"a" * (1 << 20) + b'"}', 413, "larger than"),
         ]
         for raw, status, message in raw_errors:
@@ -276,3 +283,118 @@ def test_cli_serve_warns_prints_url_and_stops_on_sigterm(model_dir):
         process.kill()
     assert process.returncode == 0, err
     assert "without --api-key" in err and "Traceback" not in err
+    assert "context 256 tokens, device cpu, batch size 8, float32 activations" in err
+    assert "GET /health 200" in err  # the access log
+
+
+def test_lenient_openai_fields_are_accepted_and_sampling_extensions_honoured(client, model_dir):
+    """Fields vLLM and llama.cpp accept: `user`, `response_format` text, `parallel_tool_calls`
+    and a message's `name` are accepted and ignored; `top_k`, `repetition_penalty` and
+    `min_p` (in `extra_body`, as the openai client sends them) change the sampling."""
+    from gptkit.generate import generate
+
+    messages = [{"role": "user", "content": "hi", "name": "ann"}]
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,
+                                            temperature=0).choices[0].message.content
+    lenient = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=20, temperature=0, user="ann-42",
+        response_format={"type": "text"}, parallel_tool_calls=False)
+    assert lenient.choices[0].message.content == greedy
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):  # only the likeliest token stays: greedy
+        sampled = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20,
+                                                 temperature=1.5, extra_body=extra)
+        assert sampled.choices[0].message.content == greedy, extra
+    prompt = "User: hi\nAssistant:"
+    model, tokenizer = _loaded(model_dir)
+    ids = tokenizer.encode(prompt, return_tensors="pt")
+    penalized = tokenizer.decode(generate(model, ids, max_new_tokens=20, tokenizer=tokenizer,
+                                          repetition_penalty=1.5)[0, ids.size(1):].tolist())
+    answer = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0,
+                                       extra_body={"repetition_penalty": 1.5, "top_k": 0})
+    assert answer.choices[0].text == penalized != offline(model_dir, prompt, 20)
+
+
+def test_one_model_by_id(url):
+    with httpx.Client(base_url=url, timeout=60) as http:
+        card = http.get(f"/v1/models/{MODEL}")
+        assert card.status_code == 200 and card.json()["id"] == MODEL
+        assert card.json()["context_length"] == 256
+        missing = http.get("/v1/models/gpt-4")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_chat_fit_drops_the_oldest_exchanges_as_gptkit_chat_does(url, model_dir):
+    """/v1/chat/fit (what the playground asks before each answer) keeps the messages a
+    `ChatSession` keeps, and clamps the answer to the room left."""
+    from gptkit.chat import ChatSession
+
+    turns = []
+    for i in range(8):
+        turns += [{"role": "user", "content": f"question {i} " + "x" * 20},
+                  {"role": "assistant", "content": f"answer {i} " + "y" * 20}]
+    asked = [{"role": "system", "content": "be brief"}, *turns, {"role": "user", "content": "last"}]
+    with httpx.Client(base_url=url, timeout=60) as http:
+        fit = http.post("/v1/chat/fit", json={"messages": asked, "max_tokens": 100}).json()
+        model, tokenizer = _loaded(model_dir)
+        session = ChatSession(model, tokenizer, max_new_tokens=100, notice=lambda text: None)
+        session.messages = asked[:-1]
+        _, room, kept = session.prompt("last")
+        assert fit["messages"] == kept and fit["dropped"] == len(asked) - len(kept) > 0
+        assert fit["messages"][0] == asked[0] and fit["max_tokens"] == room
+        assert fit["prompt_tokens"] + fit["max_tokens"] <= fit["context_length"] == 256
+        # an answer longer than the context allows is clamped, not refused
+        clamped = http.post("/v1/chat/fit", json={"messages": asked[-1:], "max_tokens": 10_000})
+        assert clamped.json()["max_tokens"] == 256 - clamped.json()["prompt_tokens"]
+        chat = http.post("/v1/chat/completions", json={
+            "messages": fit["messages"], "max_tokens": fit["max_tokens"], "temperature": 0})
+        assert chat.status_code == 200, chat.text
+        too_long = http.post("/v1/chat/fit", json={
+            "messages": [{"role": "user", "content": "z" * 400}]})
+        assert too_long.status_code == 400 and "no room" in too_long.json()["error"]["message"]
+
+
+def test_cors_origin_and_access_log(model_dir):
+    """--cors-origin lets that origin's pages call the API (none by default); every
+    request gets one access-log line."""
+    from fastapi.testclient import TestClient
+
+    from gptkit.serve import create_app
+
+    lines: list[str] = []
+    origin = {"Origin": "http://localhost:3000"}
+    preflight = {**origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    with TestClient(create_app(model_dir, device="cpu", cors_origins=["http://localhost:3000"],
+                               access_log=lines.append)) as http:
+        answer = http.options("/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert http.get("/v1/models", headers=origin).headers[
+            "access-control-allow-origin"] == "http://localhost:3000"
+        http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True})
+        http.get("/nothing")
+    assert [line.split()[1:4] for line in lines] == [
+        ["OPTIONS", "/v1/chat/completions", "200"], ["GET", "/v1/models", "200"],
+        ["POST", "/v1/completions", "200"], ["GET", "/nothing", "404"]]
+    assert all(line.endswith("s") for line in lines)
+    with TestClient(create_app(model_dir, device="cpu")) as http:
+        assert "access-control-allow-origin" not in http.get("/v1/models", headers=origin).headers
+
+
+def test_a_taken_or_impossible_port_is_one_sentence(model_dir, capsys):
+    """No traceback and no "serving on" banner: the port is taken before the model loads."""
+    import socket
+
+    from gptkit.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, message in ((["--port", str(port)], f"port {port} on 127.0.0.1 is already in use"),
+                               (["--port", "70000"], "--port 70000 is out of range")):
+            with pytest.raises(SystemExit) as exit_:
+                main(["serve", "--model", str(model_dir), "--device", "cpu", *flags])
+            captured = capsys.readouterr()
+            assert exit_.value.code == 2 and message in captured.err, captured
+            assert "Traceback" not in captured.err and "http://" not in captured.out

@@ -36,11 +36,28 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    """Tokenize a corpus into train.bin / val.bin / meta.json."""
+    """Tokenize a corpus into train.bin / val.bin / meta.json, or into shards."""
+    if args.shard_tokens is not None:
+        from gptkit.corpus import prepare_shards
+
+        meta = prepare_shards(args.inputs, args.tokenizer, args.out,
+                              shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
+                              field=args.field, workers=args.workers, resume=args.resume,
+                              dedup=args.dedup, shard_index=args.shard_index,
+                              num_shards=args.num_shards)
+        shard_count = sum(len(v) for v in meta["shards"].values())
+        print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+              f"({meta['dtype']}) in {shard_count} shards to {args.out}")
+        return
+    sharded_only = [flag for flag, on in (("--resume", args.resume), ("--dedup", args.dedup),
+                    ("--shard-index", args.shard_index is not None),
+                    ("--num-shards", args.num_shards is not None)) if on]
+    if sharded_only:
+        raise GptkitError(f"{sharded_only[0]} applies to sharded output; add --shard-tokens N.")
     from gptkit.data import prepare
 
     meta = prepare(args.inputs, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                   field=args.field)
+                   field=args.field, workers=args.workers)
     print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}) to {args.out}")
 
@@ -50,6 +67,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from gptkit.config import TrainConfig
     from gptkit.train import train
 
+    if hasattr(args, "data"):  # --data given several times: a mixture (gptkit.mixture)
+        args.data = ",".join(args.data)
     cfg = train_config_from_args(args, TrainConfig)
     result = train(cfg)
     summary = f"trained {result.step} steps ({result.tokens:,} tokens) in {result.seconds:.0f}s"
@@ -128,22 +147,44 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Loss and perplexity of a model on a data directory or a text file, or task metrics."""
+    """Loss and perplexity of a model on a data directory or a text file, task metrics, or
+    standard benchmarks (--benchmark)."""
     from gptkit.evaluate import evaluate_lm, evaluate_task
 
+    if args.benchmark:
+        cmd_benchmark(args)
+        return
+    if not args.data:
+        raise GptkitError("gptkit eval needs --data (a data directory or text file) or "
+                          "--benchmark NAME.")
     if args.task:
         print(json.dumps(evaluate_task(
             args.model, args.task, args.data, limit=args.limit, out=args.out,
-            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
+            batch_size=args.batch_size or 8, max_new_tokens=args.max_new_tokens, device=args.device,
             prompt_field=args.prompt_field, target_field=args.target_field)))
         return
-    result = evaluate_lm(args.model, args.data, batch_size=args.batch_size,
+    result = evaluate_lm(args.model, args.data, batch_size=args.batch_size or 8,
                          max_batches=args.max_batches, device=args.device)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-              f"({result['tokens']:,} tokens)")
+              f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    """`gptkit eval --benchmark`: standard sets scored as lm-evaluation-harness does."""
+    from gptkit.benchmark import evaluate_benchmarks, format_table
+
+    results = evaluate_benchmarks(
+        args.model, [n.strip() for n in args.benchmark.split(",") if n.strip()],
+        limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+        device=args.device, out=args.out)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(format_table(results))
+        print(f"results in {results['saved_to']}", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -156,7 +197,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     model, tokenizer = load_directory(resolve_model_dir(args.model), **speed_from(args))
     session = ChatSession(model, tokenizer, system=args.system,
                           max_new_tokens=args.max_new_tokens, sampling=sampling)
-    chat_in_terminal(session, args.model)
+    chat_in_terminal(session, args.model, verbose=args.verbose)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -165,7 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key,
           max_batch_size=args.max_batch_size, max_queue=args.max_queue, device=args.device,
-          dtype=args.dtype, quantize=args.quantize, compile=args.compile)
+          dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+          cors_origins=args.cors_origin)
 
 def cmd_plot(args: argparse.Namespace) -> None:
     """Plot loss, learning rate and tokens/s of one or more training runs into a PNG."""
@@ -293,18 +335,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory to write tokenizer.json into")
 
     p = command("prepare", cmd_prepare)
-    p.add_argument("inputs", nargs="+", help=".txt/.md/.jsonl files or directories")
+    p.add_argument("inputs", nargs="+", help=".txt/.md, .jsonl (.gz/.zst/.xz), .parquet or "
+                   ".arrow files, directories (a datasets save_to_disk folder too) or globs")
     p.add_argument("--tokenizer", required=True, help="tokenizer or model directory")
     p.add_argument("--out", required=True, help="data directory to write")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the tokens held out for validation (default: 0.1)")
-    p.add_argument("--field", default="text", help="text field of .jsonl records (default: text)")
+    p.add_argument("--field", default="text",
+                   help="text field of .jsonl records or column of tables (default: text)")
+    p.add_argument("--workers", type=int, help="encoding workers (default: all cores)")
+    p.add_argument("--shard-tokens", type=int,
+                   help="write shards of this many tokens with a manifest (see docs/pretrain.md)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sharded prepare")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop exact duplicate documents (by hash of the normalised text)")
+    p.add_argument("--shard-index", type=int,
+                   help="this machine's part of the inputs (default: torchrun's RANK)")
+    p.add_argument("--num-shards", type=int,
+                   help="number of machines splitting the inputs (default: WORLD_SIZE)")
 
     from gptkit.config import TRAIN_HELP, TrainConfig
 
     p = command("train", cmd_train)
     p.add_argument("--config", help="TOML file of training settings (flags override it)")
-    add_dataclass_flags(p, TrainConfig, TRAIN_HELP, skip=("finetune",))
+    add_dataclass_flags(p, TrainConfig, TRAIN_HELP, skip=("finetune", "data"))
+    p.add_argument("--data", action="append", default=argparse.SUPPRESS, metavar="DATA",
+                   help=TRAIN_HELP["data"])
 
     p = command("finetune", cmd_finetune)
     p.add_argument("--config", help="TOML file of training settings (flags override it)")
@@ -343,9 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", cmd_eval)
     p.add_argument("--model", required=True, help="model directory or hub name")
-    p.add_argument("--data", required=True, help="a data directory (val split) or a text file")
-    p.add_argument("--batch-size", type=positive_int, default=8,
-                   help="sequences (or task examples) per batch (default: 8)")
+    p.add_argument("--data", help="a data directory (val split) or a text file")
+    p.add_argument("--benchmark", help="standard sets, comma-separated: arc_easy, arc_challenge, "
+                                       "boolq, copa, hellaswag, lambada_openai, openbook_qa, piqa, "
+                                       "winogrande, core (nanochat's CORE), or a JSONL file")
+    p.add_argument("--num-fewshot", type=int, default=None,
+                   help="--benchmark: solved examples before each item (default: 0)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="sequences (or task examples, or benchmark items) per batch (default: "
+                        "8; --benchmark: as many items as fill 2,048 tokens)")
     p.add_argument("--max-batches", type=positive_int, default=None,
                    help="score only this many batches (default: all)")
     add_device_flag(p)
@@ -353,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="score generations for this task on a JSONL --data file "
                                   "(chat: conversations, scored on their last answer)")
     p.add_argument("--limit", type=positive_int, help="score only the first N records")
-    p.add_argument("--out", help="write predictions to this JSONL file")
+    p.add_argument("--out", help="write predictions to this JSONL file (--benchmark: the "
+                                 "results JSON; default: eval_results.json beside the model)")
     p.add_argument("--max-new-tokens", type=positive_int,
                    help="tokens to generate per example (default: from the longest reference)")
     add_task_field_flags(p)
@@ -372,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together in one batch (default: 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond the batch before answering 429 (default: 64)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let pages from ORIGIN (e.g. http://localhost:3000; * for any) call the "
+                        "API from a browser (repeatable; default: none)")
     add_device_flag(p)
     add_speed_flags(p)
 
@@ -455,8 +521,10 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 def add_chat_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory or hub name")
     p.add_argument("--system", help="system message of the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="longest answer in tokens (default: 256)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest answer in tokens (default: 256, at most half the context)")
+    p.add_argument("--verbose", action="store_true",
+                   help="after each answer, its speed: prompt and generation tokens/s")
     add_sampling_flags(p)
     add_device_flag(p)
     add_speed_flags(p)

@@ -372,7 +372,8 @@ class FinetuneOptions:
 # The one-line help of each `TrainConfig` field, shown by `gptkit train --help` (a test
 # checks that every field has one).
 TRAIN_HELP = {
-    "data": "prepared data directory (train.bin, val.bin, meta.json; see gptkit prepare)",
+    "data": "prepared data directory (train.bin, val.bin, meta.json, or shards; see gptkit "
+            "prepare); repeat as NAME=DIR:WEIGHT for a mixture of several",
     "out": "run directory: checkpoints, metrics.jsonl, loss.png",
     "preset": "model size: tiny, small, gpt2, gpt2-medium, gpt2-large or gpt2-xl",
     "arch": "architecture family: gpt2, llama, qwen2, qwen3, gemma3 or nanochat (docs/architectures.md; "
@@ -400,6 +401,9 @@ TRAIN_HELP = {
     "grad_clip": "clip the global gradient norm to this (0: no clipping)",
     "eval_interval": "steps between validation evaluations (0: only at the end)",
     "eval_steps": "validation batches per evaluation",
+    "eval_benchmark": "also score these benchmark sets (comma-separated, e.g. hellaswag) at each "
+                      "evaluation",
+    "eval_benchmark_limit": "items of each --eval-benchmark set scored per evaluation",
     "save_interval": "steps between checkpoints (0: only at the end)",
     "log_interval": "steps between progress lines and metrics records",
     "seed": "random seed of weights, data order and dropout",
@@ -449,6 +453,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_steps: int = 20
+    eval_benchmark: str | None = None
+    eval_benchmark_limit: int = 500
     save_interval: int = 500
     log_interval: int = 10
     seed: int = 1337
@@ -470,10 +476,13 @@ class TrainConfig:
         if isinstance(self.finetune, dict):  # from a TOML table or a saved train_config.json
             self.finetune = FinetuneOptions.from_dict(self.finetune, "finetune")
         positive = ("batch_size", "grad_accum", "max_steps", "eval_steps", "log_interval",
-                    "max_bad_steps")
+                    "max_bad_steps", "eval_benchmark_limit")
         for name in positive:
             if getattr(self, name) < 1:
                 raise GptkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected at least 1.")
+        if self.eval_benchmark and self.fsdp:
+            raise GptkitError("--eval-benchmark does not work with --fsdp (it scores the whole "
+                              "model on one process); drop one of them.")
         for name in ("eval_interval", "save_interval", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise GptkitError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected 0 or more.")

@@ -27,7 +27,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,6 +406,23 @@ def fit_prompt(tokenizer: Tokenizer, fmt: ChatFormat, messages: Sequence[Message
         if len(ids) <= max_tokens:
             return ids, kept
     return None
+
+
+def fit_chat(encode: Callable[[list[Message]], list[int]], messages: Sequence[Message],
+             context: int, max_new_tokens: int) -> tuple[list[int], list[Message], int]:
+    """The prompt ids for answering `messages` (ending with the user's), the messages kept
+    and the answer's length limit: the earliest exchanges are dropped until the prompt
+    leaves `max_new_tokens` of the `context`; when even the last user turn leaves less,
+    the answer is shorter. `gptkit chat`, the server's /v1/chat/fit and so the playground
+    all fit a conversation here, so a long chat goes on alike in each."""
+    for room in (max_new_tokens, 1):
+        for kept in [list(messages), *shorter(messages)]:
+            ids = encode(kept)
+            if len(ids) <= context - room:
+                return ids, kept, min(max_new_tokens, context - len(ids))
+    alone = len(encode(list(messages[-1:])))
+    raise GptkitError(f"the message is {alone} tokens long with its template; the model's "
+                      f"context of {context} tokens leaves no room to answer.")
 
 
 def encode_conversations(tokenizer: Tokenizer, fmt: ChatFormat,

@@ -1,7 +1,7 @@
 """Corpus to token files, and token files to training batches.
 
-`prepare` turns .txt/.md files (one document each) and .jsonl files (one document per
-line) into a data directory:
+`prepare` turns a corpus (text, JSONL, parquet or Arrow files: see `gptkit.sources`) into a
+data directory:
 
     train.bin, val.bin   raw little-endian token ids (uint16, or uint32 for big vocabularies)
     meta.json            {"format": "gptkit-tokens", "version": 1, "tokenizer_hash", ...}
@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from gptkit import shards
 from gptkit.errors import GptkitError, read_json
-from gptkit.tokenizer import Tokenizer, decode_utf8, read_text_chunks
+from gptkit.sources import find_inputs, iter_documents
+from gptkit.tokenizer import Tokenizer, decode_utf8
 
 if TYPE_CHECKING:
     import torch
@@ -41,96 +43,10 @@ if TYPE_CHECKING:
 FORMAT = "gptkit-tokens"
 VERSION = 1
 SPLITS = ("train", "val")
-TEXT_SUFFIXES = (".txt", ".md")
-CORPUS_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl")
-# A text file is read in pieces of _PIECE_BYTES, and each piece (or a group of JSONL
-# documents of at least _GROUP_CHARS characters) is one encoding job: big enough that
-# thread hand-offs cost nothing, small enough that the last jobs leave no core idle for
-# long at the end of a corpus.
-_PIECE_BYTES = 1 << 18
+# A group of pieces of at least _GROUP_CHARS characters is one encoding job: big enough
+# that thread hand-offs cost nothing, small enough that the last jobs leave no core idle
+# for long at the end of a corpus.
 _GROUP_CHARS = 1 << 17
-
-
-def find_corpus_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """The .txt/.md/.jsonl files named by `inputs`, directories searched recursively in
-    sorted order so that the token files are the same on every run."""
-    if not inputs:
-        raise GptkitError("no corpus given; pass at least one file or directory.")
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix in CORPUS_SUFFIXES
-            )
-            if not found:
-                raise GptkitError(f"{path} contains no .txt, .md or .jsonl files.")
-            files += found
-        elif path.is_file():
-            if path.suffix not in CORPUS_SUFFIXES:
-                raise GptkitError(f"{path} is not a .txt, .md or .jsonl file.")
-            files.append(path)
-        else:
-            raise GptkitError(f"corpus path {path} does not exist.")
-    return files
-
-
-def iter_documents(files: Sequence[Path], field: str = "text") -> Iterator[tuple[str, int, bool]]:
-    """Yield `(text, bytes_read, ends_document)` pieces of every non-empty document.
-
-    A text file is one document, read in pieces; a JSONL line is one document, its
-    `field` the text. Invalid UTF-8 becomes U+FFFD with a warning per file.
-    """
-    for path in files:
-        if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, field)
-            continue
-        pending: tuple[str, int] | None = None
-        started = False
-        for text, nbytes in read_text_chunks(path, chunk_bytes=_PIECE_BYTES):
-            if pending is not None:
-                yield pending[0], pending[1], False
-            started = started or bool(text)
-            pending = (text, nbytes)
-        if pending is not None:
-            yield pending[0], pending[1], started
-
-
-def _jsonl_documents(path: Path, field: str) -> Iterator[tuple[str, int, bool]]:
-    replaced = 0
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            line, bad = decode_utf8(raw)
-            replaced += bad
-            if not line.strip():
-                yield "", len(raw), False
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptkitError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
-            if not isinstance(record, dict):
-                raise GptkitError(
-                    f"{path} line {n} is a JSON {type(record).__name__}; expected an object "
-                    f"with a '{field}' field."
-                )
-            if field not in record:
-                raise GptkitError(
-                    f"{path} line {n} has no field '{field}' (it has {', '.join(record)}); "
-                    "choose the text field with --field."
-                )
-            text = record[field]
-            if not isinstance(text, str):
-                raise GptkitError(
-                    f"{path} line {n}: field '{field}' is a {type(text).__name__}; "
-                    "expected a string."
-                )
-            yield text, len(raw), bool(text)
-    if replaced:
-        warnings.warn(
-            f"{path}: {replaced} bytes that are not valid UTF-8 were replaced with U+FFFD.",
-            stacklevel=2,
-        )
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -152,7 +68,7 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 def corpus_texts(inputs: Sequence[str | Path], field: str = "text") -> Iterator[str]:
     """The corpus as `prepare` reads it, for `Tokenizer.train(texts=...)`."""
-    for text, _, _ in iter_documents(find_corpus_files(inputs), field):
+    for text, _, _ in iter_documents(find_inputs(inputs), field):
         if text:
             yield text
 
@@ -174,12 +90,13 @@ def prepare(
 ) -> dict[str, Any]:
     """Encode a corpus into `out_dir` (train.bin, val.bin, meta.json, tokenizer/); return
     the meta dict. `workers` is the number of encoding threads (default: all cores); each
-    encodes ~256K-character pieces with `Tokenizer.encode_numpy`."""
+    encodes ~128K-character groups with `Tokenizer.encode_numpy`. For corpora beyond one
+    file, `gptkit.corpus.prepare_shards` writes shards in parallel processes instead."""
     if not 0 <= val_fraction < 1:
         raise GptkitError(f"val_fraction {val_fraction} is outside [0, 1).")
     if workers is not None and workers < 1:
         raise GptkitError(f"workers {workers} must be at least 1.")
-    files = find_corpus_files(inputs)
+    files = find_inputs(inputs)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     out = Path(out_dir)
@@ -313,8 +230,11 @@ def _split_tail(
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:
-    """meta.json of a data directory made by `prepare`."""
+    """meta.json of a data directory made by `prepare`, or the sum of a sharded
+    directory's manifests (`gptkit.shards.combined_meta`)."""
     path = Path(data_dir) / "meta.json"
+    if not path.is_file() and shards.manifest_paths(data_dir):
+        return shards.combined_meta(data_dir)
     if not path.is_file():
         raise GptkitError(
             f"{data_dir} is not a gptkit data directory (no meta.json); create one with "
@@ -330,11 +250,28 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_tokens(data_dir: str | Path, split: str) -> np.ndarray:
-    """The token ids of one split, memory-mapped (read-only), so any size loads instantly."""
+def describe(data_dir: str | Path) -> dict[str, Any]:
+    """What a prepared directory holds, for `gptkit info`: tokens, documents, shards,
+    sources and tokenizer, from its small files only."""
+    meta = load_meta(data_dir)
+    files = [p for p in Path(data_dir).iterdir() if p.is_file()]
+    layout = meta.get("shards")
+    return {"path": str(data_dir), "kind": "data",
+            **{key: meta.get(key, 0) for key in ("train_tokens", "val_tokens", "documents",
+                                                 "duplicates", "vocab_size", "dtype",
+                                                 "tokenizer_hash")},
+            "shards": None if layout is None else {s: len(layout[s]) for s in SPLITS},
+            "sources": meta["sources"], "bytes": sum(p.stat().st_size for p in files)}
+
+
+def load_tokens(data_dir: str | Path, split: str) -> np.ndarray | shards.ShardedTokens:
+    """The token ids of one split, memory-mapped (read-only), so any size loads instantly;
+    a sharded directory's shards read as one array."""
     if split not in SPLITS:
         raise GptkitError(f"unknown split {split!r}; expected one of {SPLITS}.")
     meta = load_meta(data_dir)
+    if "shards" in meta:
+        return shards.load_split(data_dir, split)
     dtype = np.dtype(meta["dtype"])
     path = Path(data_dir) / f"{split}.bin"
     expected = meta[f"{split}_tokens"]

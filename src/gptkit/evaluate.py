@@ -85,7 +85,9 @@ def lm_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
 
 def evaluate_lm(model_dir: str | Path, data: str | Path, *, batch_size: int = 8,
                 max_batches: int | None = None, device: str = "auto") -> dict[str, float]:
-    """`{"loss", "perplexity", "tokens"}` over non-overlapping context-sized windows.
+    """`{"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}` over non-overlapping
+    context-sized windows; bits per byte = the summed loss in bits over the UTF-8 bytes
+    of the scored tokens.
 
     A data directory contributes its val split (checked against the model's tokenizer);
     a text file is tokenized with the model's tokenizer.
@@ -106,9 +108,32 @@ def evaluate_lm(model_dir: str | Path, data: str | Path, *, batch_size: int = 8,
     if len(tokens) < 2:
         raise GptkitError(f"{data} holds {len(tokens)} token(s); at least 2 are needed to score a model.")
     dev = pick_device(device)
-    loss, count = lm_loss(model, iter_eval_batches(tokens, block_size, batch_size, max_batches),
+    sizes = token_bytes(tokenizer, model.config.vocab_size)
+    scored_bytes = 0
+
+    def counted(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        nonlocal scored_bytes
+        for x, y in batches:
+            scored_bytes += int(sizes[y.numpy()].sum())
+            yield x, y
+
+    loss, count = lm_loss(model, counted(iter_eval_batches(tokens, block_size, batch_size,
+                                                           max_batches)),
                           dev, pick_dtype("float32", dev))
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    bits_per_byte = loss * count / (math.log(2) * max(scored_bytes, 1))
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bits_per_byte": bits_per_byte, "tokens": count, "bytes": scored_bytes}
+
+
+def token_bytes(tokenizer: Any, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes of each token decoded alone, 0 for end-of-text and padded rows (as
+    nanochat counts them): bits per byte then compares models whose tokenizers differ."""
+    sizes = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(tokenizer.vocab_size):
+        sizes[i] = len(tokenizer.decode([i]).encode("utf-8"))
+    sizes[tokenizer.eos_token_id] = 0
+    return sizes
 
 
 def _read_text(path: Path) -> str:

@@ -1,4 +1,4 @@
-"""`gptkit info DIR`: what a model or training run directory holds, without loading weights.
+"""`gptkit info DIR`: what a model, training run or data directory holds, without loading weights.
 
 Everything comes from small files (config.json, the tokenizer, gptkit_task.json,
 metrics.jsonl), so it is quick even for GPT-2 XL and safe to run on a directory that a
@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.config import GPTConfig
+from gptkit.data import describe
 from gptkit.errors import GptkitError
 from gptkit.families import family
 from gptkit.plot import split_metrics
 from gptkit.runlog import METRICS_NAME, run_or_model_dir
+from gptkit.shards import manifest_paths
 
 CONFIG_NAME = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "encoder.json")
@@ -90,11 +92,31 @@ def _training_info(directory: Path) -> dict[str, Any] | None:
     }
 
 
+def _benchmark_info(directory: Path) -> dict[str, Any] | None:
+    """The headline of `gptkit eval --benchmark`'s results: acc_norm where a task has it."""
+    import json
+
+    from gptkit.benchsets import RESULTS_NAME
+
+    path = directory / RESULTS_NAME
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text(encoding="utf-8"))
+    scores = {}
+    for task in results.get("tasks", []):
+        metric = "acc_norm" if "acc_norm" in task["metrics"] else "acc"
+        scores[task["task"]] = {"metric": metric, "value": task["metrics"][metric]["value"],
+                                "n": task["n"]}
+    return {"tasks": scores, "core": results.get("core")}
+
+
 def directory_info(directory: str | Path) -> dict[str, Any]:
     """Facts about a model or run directory, as `gptkit info --json` prints them."""
     directory = Path(directory)
     if not directory.is_dir():
         raise GptkitError(f"{directory} is not a directory; expected a model or run directory.")
+    if (directory / "meta.json").is_file() or manifest_paths(directory):
+        return describe(directory)  # a prepared data directory
     directory = run_or_model_dir(directory)
     config = _read_config(directory)
     training = _training_info(directory)
@@ -111,6 +133,7 @@ def directory_info(directory: str | Path) -> dict[str, Any]:
         "tokenizer": _tokenizer_info(directory),
         "task": _task_info(directory),
         "training": training,
+        "benchmarks": _benchmark_info(directory),
         "files": [{"name": p.name, "bytes": p.stat().st_size} for p in files],
     }
 
@@ -125,8 +148,27 @@ def _size(n: float) -> str:
     return f"{n / 1000:.1f} GB"
 
 
+def _format_data(info: dict[str, Any]) -> str:
+    shards = info["shards"]
+    layout = ("train.bin, val.bin" if shards is None
+              else f"{shards['train']} train and {shards['val']} val shards")
+    lines = [f"{info['path']} (prepared data, {layout}, {_size(info['bytes'])})",
+             f"tokens:         {info['train_tokens']:,} train, {info['val_tokens']:,} val "
+             f"({info['dtype']})",
+             f"documents:      {info['documents']:,}"
+             + (f" ({info['duplicates']:,} duplicates dropped)" if info["duplicates"] else ""),
+             f"tokenizer:      {info['vocab_size']:,} tokens, hash {info['tokenizer_hash'][:12]}",
+             f"sources:        {len(info['sources'])} files"]
+    lines += [f"  {source}" for source in info["sources"][:10]]
+    if len(info["sources"]) > 10:
+        lines.append(f"  ... and {len(info['sources']) - 10} more")
+    return "\n".join(lines)
+
+
 def format_info(info: dict[str, Any]) -> str:
     """The human-readable summary of `directory_info`."""
+    if info["kind"] == "data":
+        return _format_data(info)
     lines = [f"{info['path']} ({'training run' if info['kind'] == 'run' else 'model'})"]
     config = info["config"]
     if config is None:
@@ -151,6 +193,15 @@ def format_info(info: dict[str, Any]) -> str:
         val = training["last_val_loss"]
         lines.append(f"trained:        {training['steps']:,} steps, {training['tokens']:,} tokens"
                      + (f", last val loss {val:.4f}" if val is not None else ""))
+    benchmarks = info["benchmarks"]
+    if benchmarks is not None:
+        lines.append("benchmarks:     " + ", ".join(
+            f"{name} {s['metric']} {s['value']:.4f} (n {s['n']})"
+            for name, s in benchmarks["tasks"].items()))
+        core = benchmarks["core"]
+        if core:
+            lines.append(f"                CORE ({core['tasks']} of {core['of']} tasks) "
+                         f"{core['value']:.4f}")
     lines.append("files:")
     width = max((len(f["name"]) for f in info["files"]), default=0)
     lines += [f"  {f['name']:<{width}}  {_size(f['bytes']):>9}" for f in info["files"]]

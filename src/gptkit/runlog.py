@@ -79,6 +79,7 @@ class RunLog:
         scalars = {f"train/{k}": v for k, v in record.items() if k in ("loss", "lr", "tokens_per_s")}
         if "val_loss" in record:
             scalars["val/loss"] = record["val_loss"]
+        scalars.update({k: v for k, v in record.items() if k.startswith("benchmark/")})
         if scalars:
             for sink in self.sinks:
                 sink.log(record.get("step", 0), scalars, "val_loss" in record)

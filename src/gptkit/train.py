@@ -172,11 +172,13 @@ def run_loop(
     prepare_model: Callable[[GPT], GPT] | None = None,
     progress: bool = True,
     info: distributed.DistInfo = distributed.SINGLE,
+    benchmark: Callable[[GPT], dict[str, float]] | None = None,
 ) -> LoopResult:
     """Train `model` in place, checkpointing into `run_dir`; resumes when `cfg.resume`.
 
     `prepare_model` turns the model into what is saved (e.g. LoRA adapters merged);
-    `save_extra` adds files (tokenizer, task template) to every checkpoint commit. Under
+    `save_extra` adds files (tokenizer, task template) to every checkpoint commit;
+    `benchmark` scores the model at each evaluation (--eval-benchmark, rank 0). Under
     torchrun (`info`) only rank 0 logs and writes files.
     """
     from tqdm.auto import tqdm
@@ -247,8 +249,9 @@ def run_loop(
         if eval_batches is None:
             return None
         val_loss, _ = lm_loss(forward, eval_batches(), device, dtype, info)
+        scores = benchmark(model) if benchmark is not None and main else {}
         log({"step": step, "tokens": tokens, "val_loss": val_loss,
-             "val_perplexity": math.exp(min(val_loss, 50.0))})
+             "val_perplexity": math.exp(min(val_loss, 50.0)), **scores})
         return val_loss
 
     val_loss = None
@@ -298,7 +301,8 @@ def run_loop(
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / max(elapsed, 1e-9)
                 log({"step": step, "tokens": tokens, "loss": loss_value, "lr": lr,
-                     "tokens_per_s": tokens_per_s})
+                     "tokens_per_s": tokens_per_s,  # and a mixture's tokens per source
+                     **train_batches.state_dict().get("tokens_by_source", {})})
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or last):
@@ -436,13 +440,21 @@ def check_extras(cfg: TrainConfig) -> None:
 
 def _pretrain(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> LoopResult:
     from gptkit.data import TokenBatches, iter_eval_batches, load_meta, load_tokens
+    from gptkit.mixture import MixtureBatches, check_sources, is_mixture, parse_mixture
     from gptkit.tokenizer import Tokenizer
 
-    data_dir = Path(cfg.data)
-    meta = load_meta(data_dir)
+    # a mixture evaluates on its first source's validation split
+    sources = parse_mixture(cfg.data) if is_mixture(cfg.data) else None
+    data_dir = sources[0].directory if sources else Path(cfg.data)
+    meta = check_sources(sources) if sources else load_meta(data_dir)
     run_dir = Path(cfg.out)
     tokenizer = Tokenizer.from_pretrained(data_dir / "tokenizer")
     check_run_dir(run_dir, cfg.resume)
+    scorer = None
+    if cfg.eval_benchmark:  # its names checked before anything is written
+        from gptkit.benchmark import training_scorer
+
+        scorer = training_scorer(cfg.eval_benchmark, cfg.eval_benchmark_limit, tokenizer)
     if cfg.resume:
         model = GPT.from_pretrained(run_dir)
     else:
@@ -452,10 +464,15 @@ def _pretrain(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> L
     if block_size > model.config.block_size:
         raise GptkitError(f"--block-size {block_size} is larger than the model's context ({model.config.block_size}).")
     device = distributed.device_for(info, pick_device(cfg.device))
-    train_tokens = load_tokens(data_dir, "train")
     val_tokens = load_tokens(data_dir, "val")
-    batches = TokenBatches(train_tokens, block_size, cfg.batch_size, cfg.seed, rank=info.rank,
-                           world_size=info.world_size, device=str(device))
+    batches: TokenBatches | MixtureBatches
+    if sources:
+        batches = MixtureBatches(sources, block_size, cfg.batch_size, cfg.seed, rank=info.rank,
+                                 world_size=info.world_size, device=str(device))
+    else:
+        batches = TokenBatches(load_tokens(data_dir, "train"), block_size, cfg.batch_size,
+                               cfg.seed, rank=info.rank, world_size=info.world_size,
+                               device=str(device))
     eval_batches = None
     if len(val_tokens) > block_size:
         def eval_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -472,7 +489,8 @@ def _pretrain(cfg: TrainConfig, info: distributed.DistInfo, progress: bool) -> L
               f"{model.config.n_embd} wide, context {model.config.block_size}, {n / 1e6:.2f}M parameters; "
               f"{cfg.batch_size * cfg.grad_accum * block_size:,} tokens per step", file=sys.stderr)
     return run_loop(model, cfg, batches, eval_batches, run_dir,
-                    save_extra=tokenizer_files(tokenizer), progress=progress, info=info)
+                    save_extra=tokenizer_files(tokenizer), progress=progress, info=info,
+                    benchmark=scorer)
 
 
 def check_tokenizer(model_dir: str | Path | None, meta: dict[str, Any]) -> None:

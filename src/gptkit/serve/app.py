@@ -9,22 +9,26 @@
 model); `serve` runs it under uvicorn. All generation goes through one continuous-batching `Engine` in its own
 thread, so the event loop only parses, validates and streams. Every request is checked
 here against named `Limits` before it reaches the engine, and every error is OpenAI's
-error JSON naming the offending field: hostile input gets a 4xx, never a 5xx.
+error JSON naming the offending field: hostile input gets a 4xx, never a 5xx. Harmless
+fields other servers accept (`user`, `response_format` text, ...) are accepted too, and
+`POST /v1/chat/fit` fits a conversation to the context as `gptkit chat` does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
 import math
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -36,7 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from gptkit.conversation import ChatFormat, chat_format, stop_token_ids
+from gptkit.conversation import ChatFormat, chat_format, fit_chat, stop_token_ids
 from gptkit.errors import GptkitError, closest
 
 if TYPE_CHECKING:
@@ -87,14 +91,20 @@ class ApiError(Exception):
 
 # -- request fields --------------------------------------------------------------------
 
+# `user` (an end-user id for OpenAI's abuse monitoring) is checked and ignored; `top_k`,
+# `repetition_penalty` and `min_p` are vLLM's and llama.cpp's extensions, honoured.
 SAMPLING_FIELDS = ("model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-                   "stream_options", "presence_penalty", "frequency_penalty")
+                   "stream_options", "presence_penalty", "frequency_penalty", "user", "top_k",
+                   "repetition_penalty", "min_p")
 COMPLETION_FIELDS = (*SAMPLING_FIELDS, "prompt", "echo", "logprobs")
-CHAT_FIELDS = (*SAMPLING_FIELDS, "messages", "logprobs", "top_logprobs", "max_completion_tokens")
+# `response_format` {"type": "text"} is what is answered anyway; `parallel_tool_calls` has
+# no tools to apply to: both are accepted.
+CHAT_FIELDS = (*SAMPLING_FIELDS, "messages", "logprobs", "top_logprobs", "max_completion_tokens",
+               "response_format", "parallel_tool_calls")
 # OpenAI fields a client may send that this server does not implement: a 400 says so.
-UNSUPPORTED = ("best_of", "logit_bias", "suffix", "user", "tools", "tool_choice", "functions",
-               "function_call", "response_format", "parallel_tool_calls", "modalities", "audio",
-               "prediction", "store", "metadata", "service_tier", "reasoning_effort")
+UNSUPPORTED = ("best_of", "logit_bias", "suffix", "tools", "tool_choice", "functions",
+               "function_call", "modalities", "audio", "prediction", "store", "metadata",
+               "service_tier", "reasoning_effort")
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -163,6 +173,9 @@ class Settings:
     include_usage: bool
     presence_penalty: float
     frequency_penalty: float
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
     logprobs: int | None = None
     echo: bool = False
     extra_stop: list[str] = field(default_factory=list)
@@ -184,6 +197,12 @@ def _settings(body: dict[str, Any], limits: Limits, context: int) -> Settings:
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise _bad("stream_options", 'an object like {"include_usage": true}', options)
     max_tokens = _integer(body, "max_tokens", None, 1, context - 1)
+    if not isinstance(body.get("user", ""), str):
+        raise _bad("user", "a string", body["user"])
+    penalty = _number(body, "repetition_penalty", 1.0, 0, 10)
+    if penalty == 0:
+        raise _bad("repetition_penalty", "a number above 0 and at most 10", 0)
+    top_k = _integer(body, "top_k", None, -1, 2**31 - 1)
     return Settings(
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0, 2),
@@ -195,6 +214,9 @@ def _settings(body: dict[str, Any], limits: Limits, context: int) -> Settings:
         include_usage=_boolean(options or {}, "include_usage"),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
+        top_k=top_k if top_k and top_k > 0 else None,  # 0 (llama.cpp) and -1 (vLLM): all
+        repetition_penalty=penalty,
+        min_p=_number(body, "min_p", 0.0, 0, 1),
     )
 
 
@@ -206,9 +228,11 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     if not isinstance(message, dict):
         raise _bad(where, 'an object like {"role": "user", "content": "..."}', message)
     for key in message:
-        if key not in ("role", "content"):
-            raise ApiError(400, f"Unknown field '{where}.{key}'; expected role and content.",
-                           param=f"{where}.{key}")
+        if key not in ("role", "content", "name"):
+            raise ApiError(400, f"Unknown field '{where}.{key}'; expected role, content and "
+                           "name.", param=f"{where}.{key}")
+    if not isinstance(message.get("name", ""), str):  # a participant's name: not rendered
+        raise _bad(f"{where}.name", "a string", message["name"])
     role, content = message.get("role"), message.get("content")
     if role not in ROLES:
         raise _bad(f"{where}.role", f"one of {', '.join(ROLES)}", role)
@@ -351,7 +375,8 @@ class _Job:
                     stop=stop, logprobs=settings.logprobs,
                     echo_logprobs=settings.echo and settings.logprobs is not None,
                     presence_penalty=settings.presence_penalty,
-                    frequency_penalty=settings.frequency_penalty))
+                    frequency_penalty=settings.frequency_penalty, top_k=settings.top_k,
+                    repetition_penalty=settings.repetition_penalty, min_p=settings.min_p))
         try:
             served.engine.submit(self.requests)
         except QueueFull:
@@ -417,9 +442,13 @@ def _sse(value: Any) -> str:
 
 def create_app(model: str | Path, *, device: str | None = "auto", api_key: str | None = None,
                max_batch_size: int = 8, max_queue: int = 64, limits: Limits | None = None,
-               dtype: str = "float32", quantize: str | None = None, compile: bool = False
-               ) -> FastAPI:
+               dtype: str = "float32", quantize: str | None = None, compile: bool = False,
+               cors_origins: list[str] | None = None,
+               access_log: Callable[[str], None] | None = None) -> FastAPI:
     """Load the model and build the app; the engine thread runs while the app is served.
+
+    `cors_origins` lets pages from those origins ("*": any) call the API from a browser;
+    `access_log` gets one line per request (client, method, path, status, seconds).
 
     The model is served in the fast decoding layouts of
     `gptkit.inference.optimize_for_inference` for `dtype`, `quantize` and `compile`, as
@@ -460,6 +489,16 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
     app = FastAPI(title="gptkit", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine = served.engine
+    app.state.summary = (f"context {served.context} tokens, device {gpt.device}, batch size "
+                         f"{max_batch_size}, {dtype} activations, "
+                         f"{quantize or dtype} weights")
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    if access_log is not None:
+        app.add_middleware(_AccessLog, write=access_log)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
@@ -488,15 +527,23 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
                              "auth": served.api_key is not None, **engine.stats()},
                             status_code=200 if engine.alive else 503)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        _authorize(request, served.api_key)
+    def model_card() -> dict[str, Any]:
         task = served.task and {"name": served.task.task,
                                 "fields": list(served.task.prompt_fields),
                                 "optional": list(served.task.optional)}
-        return {"object": "list", "data": [{
-            "id": served.name, "object": "model", "created": 0, "owned_by": "gptkit",
-            "context_length": served.context, "task": task, "chat": not served.chat.plain}]}
+        return {"id": served.name, "object": "model", "created": 0, "owned_by": "gptkit",
+                "context_length": served.context, "task": task, "chat": not served.chat.plain}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _authorize(request, served.api_key)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(request: Request, model_id: str) -> dict[str, Any]:
+        _authorize(request, served.api_key)
+        _check_model({"model": model_id}, served)
+        return model_card()
 
     @app.post("/v1/task/prompt")
     async def task_prompt(request: Request) -> dict[str, str]:
@@ -550,14 +597,44 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
         if top is not None and not _boolean(body, "logprobs"):
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
         settings.logprobs = (top or 0) if _boolean(body, "logprobs") else None
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not 0 < len(messages) <= limits.max_messages:
-            raise _bad("messages", f"a list of 1 to {limits.max_messages} messages", messages)
-        turns = [_message_text(m, i) for i, m in enumerate(messages)]
+        form = body.get("response_format")
+        if form is not None and form != {"type": "text"}:
+            raise ApiError(400, f"'response_format' {_show(form)} is not supported; this server "
+                           'answers in text ({"type": "text"}).', param="response_format")
+        _boolean(body, "parallel_tool_calls")
+        turns = _turns(body, limits)
         text, settings.extra_stop = render_chat(turns, served.task, served.chat)
         prompts = await run_in_threadpool(_encode_prompts, text, served, "messages")
         job = _Job(served, prompts, settings, request)
         return await _respond(job, settings, _ChatShape(served.name, settings.n))
+
+    @app.post("/v1/chat/fit")
+    async def chat_fit(request: Request) -> dict[str, Any]:
+        """The playground's context handling, `gptkit chat`'s (`conversation.fit_chat`): the
+        messages that fit with room for `max_tokens` (the earliest exchanges dropped), how
+        many were dropped, and the answer's length limit."""
+        body = await _read_body(request, served)
+        _check_fields(body, ("model", "messages", "max_tokens"))
+        _check_model(body, served)
+        wanted = _integer(body, "max_tokens", None, 1, 2**31 - 1)
+        turns = _turns(body, limits)
+        render_chat(turns, served.task, served.chat)  # the same 400s as chat completions
+        messages = [{"role": "system" if role == "developer" else role, "content": text}
+                    for role, text in turns]
+
+        def encode(kept: list[dict[str, str]]) -> list[int]:
+            text = render_chat([(m["role"], m["content"]) for m in kept], served.task,
+                               served.chat)[0]
+            return tokenizer.encode_prompt(text) or [tokenizer.eos_token_id]
+
+        default = max(1, min(256, served.context // 2))  # as `gptkit chat`
+        try:
+            ids, kept, room = await run_in_threadpool(
+                fit_chat, encode, messages, served.context, wanted or default)
+        except GptkitError as exc:
+            raise ApiError(400, f"'messages': {exc}", param="messages") from None
+        return {"messages": kept, "dropped": len(messages) - len(kept), "prompt_tokens": len(ids),
+                "max_tokens": room, "context_length": served.context}
 
     async def _respond(job: _Job, settings: Settings, shape: _Shape) -> Response:
         if settings.stream:
@@ -590,6 +667,32 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
         yield "data: [DONE]\n\n"
 
     return app
+
+
+class _AccessLog:
+    """One line per request once its response has ended (a stream at its last byte), as
+    plain ASGI so that streams and disconnect detection pass through untouched."""
+
+    def __init__(self, app: Any, write: Callable[[str], None]) -> None:
+        self.app, self.write = app, write
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [0]
+
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            self.write(f"{client[0]} {scope['method']} {scope['path']} {status[0] or '-'} "
+                       f"{time.perf_counter() - start:.3f}s")
 
 
 # -- response shapes -----------------------------------------------------------------------
@@ -707,8 +810,14 @@ async def _read_body(request: Request, served: _Served) -> dict[str, Any]:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"The request body is not UTF-8: byte 0x{raw[exc.start]:02x} at "
+                       f"position {exc.start}; send JSON encoded as UTF-8.") from None
+    try:
+        body = json.loads(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
         reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deeply nested"
         raise ApiError(400, f"The request body is not valid JSON ({reason}).") from None
@@ -716,6 +825,14 @@ async def _read_body(request: Request, served: _Served) -> dict[str, Any]:
         raise ApiError(400, f"The request body must be a JSON object; got a JSON "
                        f"{type(body).__name__}.")
     return body
+
+
+def _turns(body: dict[str, Any], limits: Limits) -> list[tuple[str, str]]:
+    """(role, text) of each of the request's chat messages, checked."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not 0 < len(messages) <= limits.max_messages:
+        raise _bad("messages", f"a list of 1 to {limits.max_messages} messages", messages)
+    return [_message_text(m, i) for i, m in enumerate(messages)]
 
 
 def _check_model(body: dict[str, Any], served: _Served) -> None:
@@ -772,22 +889,60 @@ def bind_warning(host: str, api_key: str | None) -> str | None:
             "can use the model. Pass --api-key (or set GPTKIT_API_KEY).")
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port for uvicorn, or one sentence saying why there is
+    none (a port out of range or taken, an address this machine does not have)."""
+    if not 0 <= port <= 65535:
+        raise GptkitError(f"--port {port} is out of range; expected 0 to 65535.")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise GptkitError(f"cannot listen on --host {host}: {exc.strerror}.") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise GptkitError(f"port {port} on {host} is already in use (another server?); "
+                              "stop it or pick another --port.") from None
+        raise GptkitError(f"cannot listen on {host}:{port} ({exc.strerror or exc}).") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
           device: str | None = "auto", dtype: str = "float32", quantize: str | None = None,
-          compile: bool = False) -> None:
-    """Serve `model` until Ctrl-C or SIGTERM (uvicorn finishes open responses, then exits)."""
+          compile: bool = False, cors_origins: list[str] | None = None) -> None:
+    """Serve `model` until Ctrl-C or SIGTERM (uvicorn finishes open responses, then exits).
+
+    The port is taken before the model loads, so a busy one is said at once, and the
+    banner appears only once the server can answer; each request then gets a log line.
+    """
     import uvicorn
 
+    sock = listen(host, port)
     warning = bind_warning(host, api_key)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    app = create_app(model, device=device, api_key=api_key, max_batch_size=max_batch_size,
-                     max_queue=max_queue, dtype=dtype, quantize=quantize, compile=compile)
+    try:
+        app = create_app(model, device=device, api_key=api_key, max_batch_size=max_batch_size,
+                         max_queue=max_queue, dtype=dtype, quantize=quantize, compile=compile,
+                         cors_origins=cors_origins,
+                         access_log=lambda line: print(line, file=sys.stderr, flush=True))
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     print(f"gptkit serve: http://{shown}:{port}/ (playground) and http://{shown}:{port}/v1 "
           "(OpenAI API); Ctrl-C to stop", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    print(f"gptkit serve: {app.state.summary}", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     engine: Engine = app.state.engine
 
     def stop_serving() -> None:  # the engine cannot recover: stop taking requests, exit non-zero
@@ -796,7 +951,7 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     engine.on_fatal = stop_serving
     # uvicorn re-raises SIGTERM after its graceful shutdown; a requested stop exits with 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.run()
+    server.run(sockets=[sock])
     if engine.fatal is not None:
         raise GptkitError(f"the generation engine stopped ({type(engine.fatal).__name__}: "
                           f"{engine.fatal}); the server has shut down.")

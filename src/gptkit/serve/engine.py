@@ -95,6 +95,9 @@ class GenerationRequest:
     and that many alternatives (None: none); `echo_logprobs` adds the prompt's tokens.
     Penalties follow OpenAI: a token's logit drops by `frequency_penalty` per earlier
     occurrence in the output and by `presence_penalty` once it has occurred.
+    `top_k` and `repetition_penalty` are `gptkit generate`'s (the penalty counts the prompt
+    too, as transformers does); `min_p` keeps the tokens at least that fraction as likely
+    as the most likely one (after temperature), as llama.cpp and vLLM do.
     """
 
     prompt: list[int]
@@ -108,6 +111,9 @@ class GenerationRequest:
     echo_logprobs: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
     cancelled: bool = field(default=False, init=False)
 
     def cancel(self) -> None:
@@ -136,10 +142,16 @@ class _Row:
             generator.manual_seed(request.seed)
         greedy = request.temperature == 0
         self.sampling = Sampling(do_sample=not greedy, temperature=request.temperature,
-                                 top_p=request.top_p, generator=generator)
+                                 top_p=request.top_p, top_k=request.top_k,
+                                 repetition_penalty=request.repetition_penalty,
+                                 generator=generator)
         penalized = request.presence_penalty or request.frequency_penalty
         self.counts = torch.zeros(vocab_size, device=device) if penalized else None
-        self.plain_greedy = greedy and self.counts is None
+        self.seen = None  # (1, V) bool: the tokens the repetition penalty applies to
+        if request.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(request.prompt, device=device)] = True
+        self.plain_greedy = greedy and self.counts is None and self.seen is None
 
     @property
     def decoding(self) -> bool:
@@ -419,10 +431,16 @@ class Engine:
             if row.counts is not None:
                 logits = (logits.float() - row.counts * request.frequency_penalty
                           - (row.counts > 0).float() * request.presence_penalty)
-            token = int(sample_next(logits[None], row.sampling)[0])
+            kept = logits  # logprobs stay those of the whole distribution
+            if request.min_p and row.sampling.do_sample:
+                probs = (logits.float() / request.temperature).softmax(-1)
+                kept = logits.masked_fill(probs < request.min_p * probs.max(), float("-inf"))
+            token = int(sample_next(kept[None], row.sampling, row.seen)[0])
         row.last, row.count = token, row.count + 1
         if row.counts is not None:
             row.counts[token] += 1
+        if row.seen is not None:
+            row.seen[0, token] = True
         if token in self.eos:
             self._finish(index, Event(finish_reason=STOP, completion_tokens=row.count))
             return
