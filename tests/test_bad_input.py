@@ -272,6 +272,22 @@ CLI_CASES = [
         ("a last assistant turn that answers no user turn", "chat_no_question",
          r"line 1: its last assistant turn follows a system turn; expected a user turn before it"),
     ]],
+    Case("cli", "a benchmark name that does not exist",
+         ["eval", "--model", "{model}", "--benchmark", "hellaswg"],
+         r"Unknown benchmark 'hellaswg'; choose from arc_challenge, .*hellaswag.*, core, or give "
+         r"a JSONL file", 2),
+    Case("cli", "a benchmark --limit of 0",
+         ["eval", "--model", "{model}", "--benchmark", "copa", "--limit", "0"],
+         r"--limit: expected an integer of at least 1, got 0", 2),
+    Case("cli", "a training data mixture entry without a weight",
+         ["train", "--data", "web={data}", "--out", "{tmp}/r"],
+         r"--data web=.* is not NAME=DIR:WEIGHT with a positive weight", 2),
+    Case("cli", "--dedup without sharded output",
+         ["prepare", "{tmp}/text.txt", "--tokenizer", "{model}", "--out", "{tmp}/d", "--dedup"],
+         r"--dedup applies to sharded output; add --shard-tokens N", 2),
+    Case("cli", "a port out of range",
+         ["serve", "--model", "{model}", "--port", "70000"],
+         r"--port 70000 is out of range; expected 0 to 65535", 2),
 ]
 
 
