@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from resume_helpers import straight_and_resumed
 
 from gptkit.corpus import is_validation, prepare_shards, split_key
 from gptkit.data import TokenBatches, load_meta, load_tokens
@@ -244,9 +245,6 @@ def test_another_tokenizer_is_refused(tok_dir: Path, tmp_path: Path) -> None:
 
 def test_cli_prepares_shards_and_training_resumes_exactly_on_them(tok_dir: Path,
                                                                    tmp_path: Path) -> None:
-    from gptkit.config import TrainConfig
-    from gptkit.train import train
-
     inputs = write_inputs(tmp_path / "in", DOCS)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     run = subprocess.run([sys.executable, "-m", "gptkit", "prepare", *map(str, inputs["parquet"]),
@@ -255,21 +253,10 @@ def test_cli_prepares_shards_and_training_resumes_exactly_on_them(tok_dir: Path,
                          env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert re.search(r"in \d+ shards to", run.stdout), run.stdout
-    settings = dict(data=str(tmp_path / "d"), preset="tiny", n_layer=1, n_head=2, n_embd=32,
-                    block_size=32, batch_size=4, eval_steps=1, eval_interval=0, log_interval=1,
-                    device="cpu", max_steps=4)
-    train(TrainConfig(out=str(tmp_path / "straight"), **settings), progress=False)
-    train(TrainConfig(out=str(tmp_path / "resumed"), max_time=0.0, save_interval=0, **settings),
-          progress=False)
-    for _ in range(3):
-        train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, max_time=0.0, **settings),
-              progress=False)
-
-    def losses(run_dir: Path) -> list[float]:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return [m["loss"] for m in map(json.loads, lines) if "loss" in m]
-
-    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    straight, resumed = straight_and_resumed(
+        tmp_path, 4, data=str(tmp_path / "d"), preset="tiny", n_layer=1, n_head=2, n_embd=32,
+        block_size=32, batch_size=4, eval_steps=1, eval_interval=0, log_interval=1, device="cpu")
+    assert [m["loss"] for m in straight] == [m["loss"] for m in resumed]
     info = subprocess.run([sys.executable, "-m", "gptkit", "info", str(tmp_path / "d")],
                           env=env, capture_output=True, text=True)
     meta = load_meta(tmp_path / "d")

@@ -1,11 +1,11 @@
 """Training on several prepared directories in fixed proportions, reproducibly and resumably."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from resume_helpers import straight_and_resumed
 
 from gptkit.corpus import prepare_shards
 from gptkit.errors import GptkitError
@@ -45,24 +45,10 @@ def test_proportions_hold_and_resume_is_exact(sources: str) -> None:
 
 
 def test_train_logs_tokens_per_source_and_resumes_exactly(sources: str, tmp_path: Path) -> None:
-    from gptkit.config import TrainConfig
-    from gptkit.train import train
-
-    settings = dict(data=sources, preset="tiny", n_layer=1, n_head=2, n_embd=32, block_size=32,
-                    batch_size=4, eval_interval=0, log_interval=1, device="cpu", max_steps=5)
-    train(TrainConfig(out=str(tmp_path / "straight"), **settings), progress=False)
-    train(TrainConfig(out=str(tmp_path / "resumed"), max_time=0.0, save_interval=0, **settings),
-          progress=False)
-    for _ in range(4):
-        train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, max_time=0.0, **settings),
-              progress=False)
-
-    def records(run: Path) -> list[dict]:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, lines) if "loss" in r]
-
-    straight = records(tmp_path / "straight")
-    assert [r["loss"] for r in straight] == [r["loss"] for r in records(tmp_path / "resumed")]
+    straight, resumed = straight_and_resumed(
+        tmp_path, 5, data=sources, preset="tiny", n_layer=1, n_head=2, n_embd=32, block_size=32,
+        batch_size=4, eval_interval=0, log_interval=1, device="cpu")
+    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]
     assert (straight[-1]["tokens_plays"], straight[-1]["tokens_novel"]) == (4 * 128, 1 * 128)
 
 

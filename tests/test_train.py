@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from resume_helpers import straight_and_resumed
 
 from gptkit import GPT, GptkitError
 from gptkit.config import TrainConfig
@@ -47,17 +48,9 @@ def test_loss_falls_and_run_directory_is_a_model_directory(char_data, tmp_path):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_continues_exactly(char_data, tmp_path, optimizer):
     """20 steps straight == stopping after every step and resuming: same losses and weights."""
-    settings = dict(data=str(char_data), max_steps=20, eval_interval=0, dropout=0.1,
-                    optimizer=optimizer, **TINY)
-    train(TrainConfig(out=str(tmp_path / "straight"), **settings), progress=False)
-    train(TrainConfig(out=str(tmp_path / "resumed"), max_time=0.0, save_interval=0, **settings),
-          progress=False)  # stops (and saves) after its first step, as an interrupt would
-    for _ in range(19):
-        train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, max_time=0.0, **settings),
-              progress=False)
-    straight = [m["loss"] for m in metrics(tmp_path / "straight") if "loss" in m]
-    resumed = [m["loss"] for m in metrics(tmp_path / "resumed") if "loss" in m]
-    assert straight == resumed
+    straight, resumed = straight_and_resumed(tmp_path, 20, data=str(char_data), eval_interval=0,
+                                             dropout=0.1, optimizer=optimizer, **TINY)
+    assert [m["loss"] for m in straight] == [m["loss"] for m in resumed]
     a, b = GPT.from_pretrained(tmp_path / "straight"), GPT.from_pretrained(tmp_path / "resumed")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name

@@ -249,23 +249,10 @@ class Gemma3(Llama):
         full = {"rope_type": "default", "rope_theta": config.rope_theta,
                 **(config.rope_scaling or {})}
         local = {"rope_type": "default", "rope_theta": config.rope_local_theta}
-        return {
-            "architectures": [self.hf_class],
-            "model_type": self.model_type,
-            "vocab_size": config.vocab_size,
-            "hidden_size": config.n_embd,
-            "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.n_layer,
-            "num_attention_heads": config.n_head,
-            "num_key_value_heads": config.n_kv_head,
+        return self.common_hf(config) | {
             "head_dim": config.head_dim,
-            "max_position_embeddings": config.block_size,
             "hidden_activation": "gelu_pytorch_tanh",
-            "rms_norm_eps": config.layer_norm_epsilon,
-            "initializer_range": 0.02,
             "attention_bias": False,
-            "attention_dropout": config.dropout,
-            "tie_word_embeddings": config.tie_word_embeddings,
             "rope_parameters": {"full_attention": full, "sliding_attention": local},
             "layer_types": config.layer_types or ["full_attention"] * config.n_layer,
             "sliding_window": config.sliding_window,
@@ -273,10 +260,4 @@ class Gemma3(Llama):
             "final_logit_softcapping": config.logit_softcap or None,
             "attn_logit_softcapping": None,
             "use_bidirectional_attention": False,
-            "use_cache": True,
-            "bos_token_id": config.bos_token_id if config.bos_token_id is not None
-            else config.eos_token_id,
-            "eos_token_id": config.eos_token_id,
-            "pad_token_id": None,
-            "dtype": "float32",
         }

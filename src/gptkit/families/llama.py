@@ -161,9 +161,9 @@ class Llama(Family):
             layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         )
 
-    def config_to_hf(self, config: GPTConfig) -> dict[str, Any]:
-        hidden_act = next(act for act, mlp in self.activations.items() if mlp == config.mlp)
-        hf: dict[str, Any] = {
+    def common_hf(self, config: GPTConfig) -> dict[str, Any]:
+        """The config.json keys Llama's config class and its descendants' share."""
+        return {
             "architectures": [self.hf_class],
             "model_type": self.model_type,
             "vocab_size": config.vocab_size,
@@ -173,23 +173,28 @@ class Llama(Family):
             "num_attention_heads": config.n_head,
             "num_key_value_heads": config.n_kv_head,
             "max_position_embeddings": config.block_size,
-            "hidden_act": hidden_act,
             "rms_norm_eps": config.layer_norm_epsilon,
             "initializer_range": 0.02,
-            "attention_bias": config.bias,
             "attention_dropout": config.dropout,
             "tie_word_embeddings": config.tie_word_embeddings,
-            # transformers 5 reads rope_parameters; rope_theta (and rope_scaling) are the
-            # keys older readers and converters such as llama.cpp's look for
-            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta,
-                                **(config.rope_scaling or {})},
-            "rope_theta": config.rope_theta,
             "use_cache": True,
             "bos_token_id": config.bos_token_id if config.bos_token_id is not None
             else config.eos_token_id,
             "eos_token_id": config.eos_token_id,
             "pad_token_id": None,
             "dtype": "float32",
+        }
+
+    def config_to_hf(self, config: GPTConfig) -> dict[str, Any]:
+        hidden_act = next(act for act, mlp in self.activations.items() if mlp == config.mlp)
+        hf = self.common_hf(config) | {
+            "hidden_act": hidden_act,
+            "attention_bias": config.bias,
+            # transformers 5 reads rope_parameters; rope_theta (and rope_scaling) are the
+            # keys older readers and converters such as llama.cpp's look for
+            "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta,
+                                **(config.rope_scaling or {})},
+            "rope_theta": config.rope_theta,
         }
         if config.rope_scaling:
             hf["rope_scaling"] = dict(config.rope_scaling)
