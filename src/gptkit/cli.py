@@ -492,12 +492,15 @@ def add_speed_flags(p: argparse.ArgumentParser) -> None:
     """--dtype, --quantize and --compile: the fast decoding layouts (docs/performance.md)."""
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="activations and unquantized weights (bfloat16: faster on bf16 CPUs/GPUs)")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 weights with per-channel scales (a quarter of fp32's bytes)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: the fastest decoding (except bf16 at "
-                        "batch 8 and up on CPU), after a 10-30 s first compile per shape "
-                        "(falls back with a warning if it fails)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="int8: weights with per-channel scales (a quarter of fp32's bytes); "
+                        "int4: 4-bit weights in groups of 32 with a step and offset each, as "
+                        "llama.cpp's Q4_1 (CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (default: on CPU, where it is compiled once "
+                        "per model shape and machine, about a minute, and cached in "
+                        "~/.cache/gptkit; off on GPUs, where --compile uses CUDA graphs). "
+                        "Falls back with a warning if compiling fails")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -65,12 +65,13 @@ def _prompt_ids(tokenizer: Tokenizer, text: str, block_size: int) -> list[int]:
 NOT_WITH_SHOW_PROBS = {"task": None, "input": None, "top_k": None, "top_p": None,
                        "repetition_penalty": 1.0, "stop": None, "num_return_sequences": 1,
                        "num_beams": 1, "draft_model": None, "dtype": "float32", "quantize": None,
-                       "compile": False}
+                       "compile": None}
 
 
 def check_show_probs_settings(settings: Mapping[str, Any]) -> None:
     """Refuse in one sentence the settings of `gptkit generate` (by their flags' names) that
     --show-probs would ignore: it shows greedy choices or draws at a temperature only."""
+    settings = {**settings, "compile": settings.get("compile") or None}  # --no-compile: as default
     unsupported = ["--" + name.replace("_", "-") for name, unused in NOT_WITH_SHOW_PROBS.items()
                    if settings.get(name, unused) != unused]
     if unsupported:

@@ -168,13 +168,14 @@ def cache_size(needed: int, *models: GPT) -> int:
     """How many cache slots to give `models` (which share one attention layout) when a
     generation needs `needed`.
 
-    A compiled decode step is specialized to the size of the cache it reads, so where one
-    of them is compiled they get the next power of two (at most the shortest context): a
-    handful of sizes then serve every prompt and length, where exact sizes cost a ~10 s
-    compile per new length. The spare slots lie beyond every position, hidden by the
-    causal mask.
+    A decode step compiled for fixed shapes (CUDA graphs) is specialized to the size of
+    the cache it reads, so where one of them has such a step they get the next power of
+    two (at most the shortest context): a handful of sizes then serve every prompt and
+    length, where exact sizes would cost a compile per new length. The spare slots lie
+    beyond every position, hidden by the causal mask. Eager models and the CPU's
+    ahead-of-time step (dynamic in the number of slots) get exactly what they need.
     """
-    if all(model.compiled_decode is None for model in models):
+    if not any(getattr(model.compiled_decode, "fixed_shapes", False) for model in models):
         return needed
     context = min(model.config.block_size for model in models)
     return max(needed, min(1 << (needed - 1).bit_length(), context))

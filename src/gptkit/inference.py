@@ -15,6 +15,7 @@ for inference only (its state dict is no longer a checkpoint of its family).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,9 @@ from torch import nn
 
 from gptkit import checkpoint
 from gptkit.errors import GptkitError
+from gptkit.kernels.aot import load_or_compile
 from gptkit.kernels.hugepages import move_to_huge_pages
+from gptkit.kernels.int4 import Int4Linear
 from gptkit.kernels.int8 import Int8Linear
 from gptkit.kernels.linear import (
     OneDnnLinear,
@@ -38,12 +41,13 @@ from gptkit.model import GPT, UnitOffsetRMSNorm
 from gptkit.runtime import pick_device, pick_dtype
 from gptkit.tokenizer import Tokenizer
 
-QUANTIZE_CHOICES = ("int8",)
+QUANTIZE_CHOICES = ("int8", "int4")
+COMPILE_ENV = "GPTKIT_COMPILE"
 
 
 def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
                        dtype: torch.dtype | str | None = None, *, fast: bool = False,
-                       quantize: str | None = None, compile: bool = False
+                       quantize: str | None = None, compile: bool | None = False
                        ) -> tuple[GPT, Tokenizer]:
     """The model and its tokenizer, in eval mode on the chosen device.
 
@@ -51,7 +55,8 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
     decoding layout of `optimize_for_inference` (dtype float32 unless given;
     int8 weights are quantized from the checkpoint's full-precision ones); it can then
     generate but no longer be trained or saved. `dtype` may be named ("bfloat16"), as
-    the --dtype flags name it.
+    the --dtype flags name it. `compile=None` compiles where that is the default (see
+    `compile_by_default`).
     """
     return load_directory(checkpoint.resolve_model_dir(name_or_dir), device, dtype, fast=fast,
                           quantize=quantize, compile=compile)
@@ -59,13 +64,14 @@ def load_for_inference(name_or_dir: str | Path, device: str | None = "auto",
 
 def load_directory(directory: Path, device: str | None = "auto",
                    dtype: torch.dtype | str | None = None, *, fast: bool = False,
-                   quantize: str | None = None, compile: bool = False,
+                   quantize: str | None = None, compile: bool | None = False,
                    batch_size: int = 1) -> tuple[GPT, Tokenizer]:
     """`load_for_inference` for a directory the caller already resolved (with
     `checkpoint.resolve_model_dir`) because it reads other files of it too; `batch_size`
     is that of `optimize_for_inference`."""
-    fast = fast or quantize is not None or compile
     chosen = pick_device(device)
+    compile = compile_by_default(chosen) if compile is None else compile
+    fast = fast or quantize is not None or compile
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, chosen)
     config, state = checkpoint.load(directory)
@@ -83,6 +89,14 @@ def load_directory(directory: Path, device: str | None = "auto",
     return model, tokenizer
 
 
+def compile_by_default(device: torch.device) -> bool:
+    """Whether `gptkit generate`, `chat` and `serve` compile the decode step when not told:
+    on CPU, where a compiled step is cached on disk and loads in well under a second after
+    the first run (`gptkit.kernels.aot`), unless $GPTKIT_COMPILE is 0; not on GPUs, where
+    compiling (CUDA graphs) happens anew in every process."""
+    return device.type == "cpu" and os.environ.get(COMPILE_ENV, "1") != "0"
+
+
 def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
                            quantize: str | None = None, compile: bool = False,
                            batch_size: int = 1) -> GPT:
@@ -90,17 +104,21 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
 
     `dtype` (float32 or bfloat16) is the dtype of the activations and of every weight
     that is not quantized; `quantize="int8"` stores the linear layers' weights as int8
-    with per-channel scales. bf16 on a device without native bf16 falls back to fp32
-    with a warning. `compile=True` compiles the decode step (`torch.compile`; CUDA graphs
-    on GPU); if compiling fails, generation warns and runs eagerly. `batch_size` is the
+    with per-channel scales, `quantize="int4"` as 4-bit codes with a step and an offset per
+    group of 32 inputs (`gptkit.kernels.int4`). bf16 on a device without native bf16 falls back to fp32
+    with a warning. `compile=True` compiles the decode step: on CPU ahead of time, once
+    per model shape and machine (`gptkit.kernels.aot`), for steps of one row; on GPU with
+    `torch.compile` and CUDA graphs. If compiling fails, generation warns and runs eagerly. `batch_size` is the
     number of rows a decode step usually carries: a serving engine's batch (> 1) gets
     weights packed for products of that many rows on CPU. Returns `model`.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise GptkitError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype!r}.")
     if quantize not in (None, *QUANTIZE_CHOICES):
-        raise GptkitError(f"quantize must be None or 'int8'; got {quantize!r}.")
+        raise GptkitError(f"quantize must be None, 'int8' or 'int4'; got {quantize!r}.")
     device = model.device
+    if quantize == "int4" and device.type != "cpu":
+        raise GptkitError(f"quantize='int4' runs on CPU only; on {device.type} use 'int8'.")
     if dtype == torch.bfloat16 and not bf16_supported(device):
         warnings.warn(f"this {device.type} has no native bf16 support; using float32.",
                       stacklevel=2)
@@ -123,7 +141,10 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
             module.to(dtype)
     if device.type == "cpu":
         move_to_huge_pages(model)
-    model.compiled_decode = _compile_decode(model, device) if compile else None
+    model.compiled_decode = None
+    if compile:
+        model.compiled_decode = (load_or_compile(model) if device.type == "cpu"
+                                 else _compile_decode(model))
     return model
 
 
@@ -134,10 +155,12 @@ def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.devi
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(dtype)
 
-    if quantize == "int8":
-        # On CPU the int8 kernel is only fast with bf16 activations (see Int8Linear).
+    if quantize is not None:
+        # On CPU the int8 kernel is only fast with bf16 activations (see Int8Linear), and
+        # int4's widened weights multiply fastest in bf16 where it is native.
         compute = torch.bfloat16 if device.type == "cpu" and bf16_supported(device) else dtype
-        return lambda lin: Int8Linear(lin.weight, cast(lin.bias), compute)
+        layer = Int8Linear if quantize == "int8" else Int4Linear
+        return lambda lin: layer(lin.weight, cast(lin.bias), compute)
     if device.type != "cpu":
         return lambda lin: plain_linear(cast(lin.weight), cast(lin.bias))
     if compile:
@@ -154,6 +177,8 @@ class GuardedStep:
     compiling or running the compiled program fails, so `compile=True` never breaks
     generation. Called as `step(tokens, input_pos, position_ids, attn_mask)` -> logits (B, V).
     """
+
+    fixed_shapes = True  # CUDA graphs replay one cache size each (see generate.cache_size)
 
     def __init__(self, model: GPT, compiled: Callable[..., torch.Tensor] | None) -> None:
         self.model = model
@@ -174,19 +199,14 @@ class GuardedStep:
         return self.eager(*args)
 
 
-def _compile_decode(model: GPT, device: torch.device) -> GuardedStep:
+def _compile_decode(model: GPT) -> GuardedStep:
+    """The decode step under `torch.compile` with CUDA graphs (GPU)."""
     step = GuardedStep(model, None)
-    # CUDA: CUDA graphs. CPU: inductor inlines cheap elementwise producers (a LayerNorm,
-    # a GELU) into their consumers, which for a row-wise product means recomputing them
-    # once per weight row; realizing anything over 8 ops keeps the weight loops lean.
-    # The wrapper's size asserts repeat what dynamo's guards check, so they are dropped.
-    settings = ({"mode": "reduce-overhead"} if device.type == "cuda"
-                else {"options": {"realize_opcount_threshold": 8, "size_asserts": False}})
     try:
         # Every optimized model adds its own entry to the cache of the one `eager` function
         # that all of them compile; dynamo's default of 8 would fail the ninth model.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        step.compiled = torch.compile(step.eager, fullgraph=True, **settings)
+        step.compiled = torch.compile(step.eager, fullgraph=True, mode="reduce-overhead")
     except Exception as exc:  # torch.compile itself unavailable (e.g. unsupported Python)
         _warn_fallback(exc)
     return step

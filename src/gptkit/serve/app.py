@@ -442,7 +442,7 @@ def _sse(value: Any) -> str:
 
 def create_app(model: str | Path, *, device: str | None = "auto", api_key: str | None = None,
                max_batch_size: int = 8, max_queue: int = 64, limits: Limits | None = None,
-               dtype: str = "float32", quantize: str | None = None, compile: bool = False,
+               dtype: str = "float32", quantize: str | None = None, compile: bool | None = False,
                cors_origins: list[str] | None = None,
                access_log: Callable[[str], None] | None = None) -> FastAPI:
     """Load the model and build the app; the engine thread runs while the app is served.
@@ -917,7 +917,7 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
           device: str | None = "auto", dtype: str = "float32", quantize: str | None = None,
-          compile: bool = False, cors_origins: list[str] | None = None) -> None:
+          compile: bool | None = False, cors_origins: list[str] | None = None) -> None:
     """Serve `model` until Ctrl-C or SIGTERM (uvicorn finishes open responses, then exits).
 
     The port is taken before the model loads, so a busy one is said at once, and the
