@@ -154,4 +154,3 @@ def test_close_fails_waiting_requests(loaded):
     assert "shutting down" in collect(inbox)[1]
     with pytest.raises(QueueFull):
         engine.submit([req])
-
