@@ -18,6 +18,7 @@ time, in the same process environment, so the ratios are measured on equal terms
     python benchmarks/bench_serve.py            # ~15 minutes on 2 CPU cores
     python benchmarks/bench_serve.py --quick    # fewer requests, 8k vocabulary only
     python benchmarks/bench_serve.py --vocabulary gpt2 --only gptkit   # one model, one server
+    python benchmarks/bench_serve.py --real     # SmolLM2-135M against llama.cpp's server
 """
 
 from __future__ import annotations
@@ -81,6 +82,16 @@ def start(command: list[str], url: str, log: Path) -> subprocess.Popen:
                 process.kill()
                 raise RuntimeError(f"{command[0]} did not start; see {log}") from None
             time.sleep(0.5)
+
+
+def real_servers(model: Path, gguf: Path) -> dict[str, list[str]]:
+    """gptkit and llama.cpp's OpenAI server (llama-cpp-python, built for this CPU) on the
+    same real model, fp32 / f32."""
+    return {"gptkit": [sys.executable, "-m", "gptkit", "serve", "--model", str(model),
+                       "--max-batch-size", "32", "--max-queue", "1024", "--device", "cpu"],
+            "llama.cpp server": [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+                                 "--n_threads", "2", "--n_threads_batch", "2", "--n_ctx", "4096",
+                                 "--host", "127.0.0.1"]}
 
 
 def servers(model: Path) -> dict[str, list[str]]:
@@ -154,7 +165,7 @@ def generate_speed(model: Path, prompts: list[str], runs: int = 6) -> float:
     from gptkit.generate import generate
     from gptkit.inference import load_for_inference
 
-    gpt, tokenizer = load_for_inference(model, "cpu", fast=True)
+    gpt, tokenizer = load_for_inference(model, "cpu", fast=True, compile=None)  # as the CLI
     speeds = []
     with torch.inference_mode():
         for i in range(runs + 1):
@@ -176,20 +187,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests; 8k vocabulary only")
     parser.add_argument("--only", help="measure only this server (gptkit, 'transformers CB', transformers)")
     parser.add_argument("--vocabulary", choices=("gpt2", "8k"), help="measure only this model")
+    parser.add_argument("--real", action="store_true",
+                        help="SmolLM2-135M against llama.cpp's server instead (see bench_real.py)")
     args = parser.parse_args()
     import pydoc_data.topics
 
     words = " ".join(pydoc_data.topics.topics.values()).split()
     prompts = [" ".join(words[i * 50:i * 50 + PROMPT_WORDS]) for i in range(64)]
-    vocabularies = ((args.vocabulary,) if args.vocabulary else ("8k",) if args.quick
-                    else ("gpt2", "8k"))
+    vocabularies = (("SmolLM2",) if args.real else (args.vocabulary,) if args.vocabulary
+                    else ("8k",) if args.quick else ("gpt2", "8k"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for vocabulary in vocabularies:
-            model = Path(tmp) / f"small-{vocabulary}"
-            make_model(model, vocabulary)
+            if args.real:
+                sys.path.insert(0, str(REPO / "benchmarks"))
+                from bench_real import fetch_model
+
+                model, files = fetch_model()
+                commands = real_servers(model, files["f32"])
+            else:
+                model = Path(tmp) / f"small-{vocabulary}"
+                make_model(model, vocabulary)
+                commands = servers(model)
             results: dict[tuple[str, int], tuple[float, float, float, float]] = {}
-            for name, command in servers(model).items():
+            for name, command in commands.items():
                 if args.only and name != args.only:
                     continue
                 port = free_port()
@@ -218,7 +239,8 @@ def main() -> None:
                 results[("gptkit generate, no server", 1)] = (
                     generate_speed(model, prompts), float("nan"), float("nan"), float("nan"))
             rows.append((vocabulary, results))
-    print(f"\nsmall shape (6 x 384) on CPU, greedy, {MAX_TOKENS} new tokens per request, "
+    shape = "SmolLM2-135M, fp32 / f32" if args.real else "small shape (6 x 384)"
+    print(f"\n{shape} on CPU, greedy, {MAX_TOKENS} new tokens per request, "
           f"prompts of ~{PROMPT_WORDS} words\n")
     print("| vocabulary | concurrency | server | tokens/s | p50 (s) | p99 (s) | TTFT p50 (s) "
           "| gptkit / best peer |")
@@ -226,7 +248,7 @@ def main() -> None:
     for vocabulary, results in rows:
         for concurrency in CONCURRENCY:
             peers = [results[k][0] for k in results
-                     if k[1] == concurrency and k[0].startswith("transformers")]
+                     if k[1] == concurrency and not k[0].startswith("gptkit")]
             for (name, level), (tps, p50, p99, ttft) in results.items():
                 if level != concurrency:
                     continue
