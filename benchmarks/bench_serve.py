@@ -75,7 +75,7 @@ def start(command: list[str], url: str, log: Path) -> subprocess.Popen:
     deadline = time.monotonic() + 300
     while True:
         try:
-            httpx.get(f"{url}/health", timeout=5).raise_for_status()
+            httpx.get(f"{url}/v1/models", timeout=5).raise_for_status()
             return process
         except (httpx.TransportError, httpx.HTTPStatusError):
             if time.monotonic() > deadline or process.poll() is not None:

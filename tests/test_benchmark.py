@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,28 @@ def test_agrees_with_lm_evaluation_harness(bpe_model, tmp_path, monkeypatch):
 
 
 # -- the command, CORE and the results file ----------------------------------------------
+
+def test_bf16_scoring_keeps_the_log_likelihoods(bpe_model, tmp_path):
+    from gptkit.kernels.linear import bf16_supported
+
+    text = (REPO_EVAL.parent / "shakespeare" / "input.txt").read_text()[:2000]
+    path = tmp_path / "lm.jsonl"  # language modelling: a perplexity to compare
+    path.write_text("".join(json.dumps({"context": text[i:i + 120], "continuation": text[i + 120:i + 160]})
+                            + "\n" for i in range(0, 1800, 300)))
+    path = str(path)
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a CPU without native bf16 says it uses fp32
+            model, tokenizer = load_directory(bpe_model, "cpu", dtype, fast=True)
+        scores[dtype] = benchmark.run_task(model, tokenizer, path, progress=False)["metrics"]
+    fp32, bf16 = (scores[d]["perplexity"]["value"] for d in ("float32", "bfloat16"))
+    if bf16_supported(torch.device("cpu")):
+        assert model.transformer.wte.weight.dtype == torch.bfloat16
+        assert fp32 != bf16 and abs(bf16 - fp32) < 0.02 * fp32  # rounded, not broken
+    else:  # the fallback scores in fp32
+        assert bf16 == fp32
+
 
 def test_benchmark_command_prints_table_and_saves_results(bpe_model, capsys):
     main(["eval", "--model", str(bpe_model), "--benchmark", "copa,lambada_openai",

@@ -280,10 +280,11 @@ def run_core(model: Any, tokenizer: Any, *, limit: int | None = None,
 
 def evaluate_benchmarks(model_dir: str | Path, names: Sequence[str], *, limit: int | None = None,
                         num_fewshot: int | None = None, batch_size: int | None = None,
-                        device: str = "auto", out: str | Path | None = None,
-                        progress: bool = True) -> dict[str, Any]:
+                        device: str = "auto", dtype: str = "float32",
+                        out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Score a model on `names` (vendored sets, "core", or JSONL files) and save
-    eval_results.json beside it (or at `out`). Returns what was saved."""
+    eval_results.json beside it (or at `out`). `dtype` ("float32" or "bfloat16") is that of
+    the weights and activations. Returns what was saved."""
     from gptkit.checkpoint import atomic_write_text, resolve_model_dir
     from gptkit.inference import load_directory
 
@@ -293,9 +294,9 @@ def evaluate_benchmarks(model_dir: str | Path, names: Sequence[str], *, limit: i
         if name != "core":
             benchsets.resolve(name)  # every name checked before the model loads
     directory = resolve_model_dir(model_dir)
-    model, tokenizer = load_directory(directory, device, fast=True)
+    model, tokenizer = load_directory(directory, device, dtype, fast=True)
     started = time.perf_counter()
-    results: dict[str, Any] = {"model": str(model_dir), "tasks": []}
+    results: dict[str, Any] = {"model": str(model_dir), "dtype": dtype, "tasks": []}
     for name in names:
         if name == "core":
             core = run_core(model, tokenizer, limit=limit, batch_size=batch_size,

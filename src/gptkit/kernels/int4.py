@@ -30,9 +30,9 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     (out, in) whose `in` is a multiple of 32: weight ~ minima + codes * steps per group."""
     out_features, in_features = weight.shape
     groups = weight.detach().float().view(out_features, in_features // GROUP, GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)
-    steps = ((high - low) / LEVELS).clamp(min=1e-8)
-    codes = torch.round((groups - low[..., None]) / steps[..., None]).clamp(0, LEVELS)
+    low, high = torch.aminmax(groups, dim=-1)
+    steps = ((high - low) / LEVELS).clamp_(min=1e-8)
+    codes = (groups - low[..., None]).div_(steps[..., None]).round_().clamp_(0, LEVELS)
     return codes.to(torch.int32).view(out_features, in_features), steps, low
 
 
@@ -55,8 +55,10 @@ class Int4Linear(nn.Module):
         if self.in_features % GROUP:
             raise GptkitError(f"int4 quantizes groups of {GROUP} inputs, but a layer of this "
                               f"model has {self.in_features}; use --quantize int8 for it.")
-        padded = weight.new_zeros(-(-self.out_features // ROWS) * ROWS, self.in_features)
-        padded[:self.out_features] = weight.detach()  # zero rows, sliced off the product
+        padded = weight.detach()
+        if self.out_features % ROWS:  # zero rows, sliced off the product
+            padded = weight.new_zeros(-(-self.out_features // ROWS) * ROWS, self.in_features)
+            padded[:self.out_features] = weight.detach()
         codes, steps, minima = quantize_groups(padded)
         offsets = minima + MIDDLE * steps
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))

@@ -467,8 +467,11 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
     if dtype not in ("float32", "bfloat16"):
         raise GptkitError(f"--dtype '{dtype}' is not served; expected float32 or bfloat16.")
     directory = resolve_model_dir(model)
+    # the engine's steps run over views of its shared cache pool, which the CPU's compiled
+    # one-row step does not take: it compiles only when asked (CUDA graphs on a GPU)
     gpt, tokenizer = load_directory(directory, device, DTYPES[dtype], fast=True,
-                                    quantize=quantize, compile=compile, batch_size=max_batch_size)
+                                    quantize=quantize, compile=bool(compile),
+                                    batch_size=max_batch_size)
     # a chat model's answer ends at its end-of-turn token (and at end-of-text)
     eos = stop_token_ids(tokenizer) if tokenizer.chat_template is not None else None
     served = _Served(Engine(gpt, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
