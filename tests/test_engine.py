@@ -154,3 +154,17 @@ def test_close_fails_waiting_requests(loaded):
     assert "shutting down" in collect(inbox)[1]
     with pytest.raises(QueueFull):
         engine.submit([req])
+
+
+def test_one_row_decodes_through_the_compiled_step_on_a_view_of_the_pool(model_dir,
+                                                                          exported_decode):
+    # One request at a time: each step's cache is the first slots of a row of the engine's
+    # pool (a strided view), which the compiled program reads and writes in place.
+    model, tokenizer = load_for_inference(model_dir, "cpu", compile=True)
+    prompts, lengths = [TEXT[:5], TEXT[7:20]], [9, 70]  # the second crosses a slot block
+    for prompt, n in zip(prompts, lengths, strict=True):
+        engine = Engine(model, tokenizer, max_batch_size=3, max_queue=16, prefill_chunk=4)
+        [result] = serve_all(engine, [request(tokenizer, prompt, n, temperature=0)])
+        assert result == (offline(model_dir, prompt, n), "length", n)
+    # every token: the engine feeds the last prompt token in with the first decode step
+    assert model.compiled_decode.runner.calls == sum(lengths)

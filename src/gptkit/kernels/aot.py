@@ -10,8 +10,10 @@ program depends on: the model's shapes and layouts, the batch size, this CPU's v
 extensions and the torch and gptkit sources. The library holds code only: the model's
 own tensors are inputs of every call, so every model of one shape shares one program.
 
-The KV cache is an input of the program, written in place, and the number of cache
-slots is a dynamic dimension: one program serves every prompt and generation length.
+The KV cache is an input of the program, written in place. Its rows may be longer than
+the slots in use (a serving engine's pool): the program attends to the slots up to the
+new token's position, a size it reads from the position itself at run time. One program
+serves every prompt, generation length and cache size.
 
     step = load_or_compile(model)  # None if compiling is impossible here (warned)
     logits = step(tokens, input_pos, position_ids, attn_mask)
@@ -67,7 +69,14 @@ class DecodeProgram(nn.Module):
                 weights: dict[str, torch.Tensor]) -> torch.Tensor:
         model = self.models[0]
         saved = model.kv_caches
-        model.kv_caches = [KVCache(k, v) for k, v in zip(keys, values, strict=True)]
+        # attend to the slots up to this token's: the first `slots` of each cache row (a
+        # row may be longer, as a serving engine's pool rows are)
+        slots = input_pos.reshape(-1)[0].item() + 1
+        torch._check(slots <= keys[0].size(2))
+        torch._check(slots <= attn_mask.size(-1))
+        model.kv_caches = [KVCache(k.narrow(2, 0, slots), v.narrow(2, 0, slots))
+                           for k, v in zip(keys, values, strict=True)]
+        attn_mask = attn_mask.narrow(-1, 0, slots)
         try:
             return torch.func.functional_call(
                 model, weights, (tokens,), dict(position_ids=position_ids, input_pos=input_pos,
@@ -85,9 +94,9 @@ class CompiledStep:
     """A loaded program for decode steps of one row: `step(tokens, input_pos, position_ids,
     attn_mask)` -> logits (1, V), reading and writing the model's current KV cache.
 
-    Calls the program cannot take (several rows, a cache that is a strided view of a
-    larger pool) run the model eagerly, as does every call after the program once fails
-    (with a warning), so a compiled step never breaks generation.
+    Calls the program cannot take (several rows) run the model eagerly, as does every
+    call after the program once fails (with a warning), so a compiled step never breaks
+    generation.
     """
 
     def __init__(self, model: GPT, runner: object) -> None:
@@ -103,14 +112,13 @@ class CompiledStep:
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
                  attn_mask: torch.Tensor) -> torch.Tensor:
         caches = self.model.kv_caches
-        if self.runner is None or tokens.shape != (1, 1) or not _plain(caches, attn_mask):
+        rows = _cache_rows(caches) if tokens.shape == (1, 1) else None
+        if self.runner is None or rows is None or attn_mask.dtype != torch.bool:
             return self.eager(tokens, input_pos, position_ids, attn_mask)
-        slots = caches[0].k.size(2)
         try:
             return self.runner.boxed_run([
                 tokens, input_pos.reshape(1), position_ids.reshape(1, 1),
-                attn_mask.reshape(1, 1, 1, slots), *(c.k for c in caches),
-                *(c.v for c in caches), *self.weights])[0]
+                attn_mask.reshape(1, 1, 1, -1), *rows, *self.weights])[0]
         except Exception as exc:  # a broken library: keep generating, eagerly
             warnings.warn(f"the compiled decode step failed ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); decoding without it.", stacklevel=2)
@@ -118,13 +126,27 @@ class CompiledStep:
             return self.eager(tokens, input_pos, position_ids, attn_mask)
 
 
-def _plain(caches: list[KVCache | None], attn_mask: torch.Tensor) -> bool:
-    """Whether every layer's cache is one contiguous row, as the program was compiled for,
-    and the mask covers its slots."""
-    if any(c is None or not (c.k.is_contiguous() and c.v.is_contiguous()) for c in caches):
-        return False
-    return (caches[0].k.size(0) == 1 and attn_mask.dtype == torch.bool
-            and attn_mask.numel() == caches[0].k.size(2))
+def _cache_rows(caches: list[KVCache | None]) -> list[torch.Tensor] | None:
+    """Every layer's keys, then values, as whole contiguous rows (1, nkv, capacity, hs): a
+    cache of one row, or the first slots of one (a serving engine's view of its pool),
+    seen whole; None where the program cannot take them."""
+    rows = []
+    for cache in caches:
+        if cache is None:
+            return None
+        rows.append(cache.k)
+    rows += [cache.v for cache in caches]
+    whole = []
+    for tensor in rows:
+        batch, heads, slots, head_dim = tensor.shape
+        capacity, rest = divmod(tensor.stride(1), head_dim)
+        if (batch != 1 or rest or capacity < slots or tensor.stride(2) != head_dim
+                or tensor.stride(3) != 1):
+            return None
+        whole.append(tensor.as_strided((1, heads, capacity, head_dim),
+                                       (heads * capacity * head_dim, capacity * head_dim,
+                                        head_dim, 1)))
+    return whole
 
 
 def program_key(model: GPT) -> str:
@@ -199,19 +221,20 @@ def _compile(model: GPT, package: Path) -> None:
 def export(model: GPT) -> torch.export.ExportedProgram:
     """The one-row decode step of `model` as a graph, with a dynamic number of cache slots."""
     config = model.config
+    capacity = torch.export.Dim("capacity", min=2, max=config.block_size)
     slots = torch.export.Dim("slots", min=2, max=config.block_size)
-    example = min(config.block_size, 17)  # any size: the compiled loops do not depend on it
+    example = min(config.block_size - 1, 17)  # any sizes: the loops do not depend on them
     dtype = model.transformer.wte.weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
-    keys, values = ([torch.zeros(1, config.n_kv_head, example, config.head_dim, dtype=dtype)
+    keys, values = ([torch.zeros(1, config.n_kv_head, example + 1, config.head_dim, dtype=dtype)
                      for _ in range(config.n_layer)] for _ in range(2))
     weights = model_tensors(model)
     args = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([example - 1]),
             torch.tensor([[example - 1]]), torch.ones(1, 1, 1, example, dtype=torch.bool),
             keys, values, weights)
     shapes = {"tokens": None, "input_pos": None, "position_ids": None,
-              "attn_mask": {3: slots}, "keys": [{2: slots}] * config.n_layer,
-              "values": [{2: slots}] * config.n_layer, "weights": {name: None for name in weights}}
+              "attn_mask": {3: slots}, "keys": [{2: capacity}] * config.n_layer,
+              "values": [{2: capacity}] * config.n_layer, "weights": {name: None for name in weights}}
     with torch.no_grad():
         return torch.export.export(DecodeProgram(model), args, dynamic_shapes=shapes)
 

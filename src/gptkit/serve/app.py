@@ -467,8 +467,9 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
     if dtype not in ("float32", "bfloat16"):
         raise GptkitError(f"--dtype '{dtype}' is not served; expected float32 or bfloat16.")
     directory = resolve_model_dir(model)
-    # the engine's steps run over views of its shared cache pool, which the CPU's compiled
-    # one-row step does not take: it compiles only when asked (CUDA graphs on a GPU)
+    # Not compiled unless asked: on CPU the compiled one-row step needs the plain weight
+    # layout, which makes the steps over many rows slower than the packed one
+    # (docs/performance.md, Serving).
     gpt, tokenizer = load_directory(directory, device, DTYPES[dtype], fast=True,
                                     quantize=quantize, compile=bool(compile),
                                     batch_size=max_batch_size)
