@@ -6,8 +6,8 @@ dispatch costs more than the arithmetic (docs/performance.md). Inductor compiles
 whole step into a few vectorized loops, but `torch.compile` traces and compiles again
 in every new process. Here the step is exported once (`torch.export`), compiled by
 AOTInductor into a shared library and kept in a cache directory keyed by everything the
-program depends on: the model's shapes and layouts, the batch size, this CPU's vector
-extensions and the torch and gptkit sources. The library holds code only: the model's
+program depends on: the model's shapes and layouts, this CPU's vector extensions and the
+torch and gptkit sources. The library holds code only: the model's
 own tensors are inputs of every call, so every model of one shape shares one program.
 
 The KV cache is an input of the program, written in place. Its rows may be longer than
