@@ -341,7 +341,7 @@ def test_chat_command_survives_ctrl_c_during_an_answer(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "gptkit", "chat", "--model", str(directory), "--greedy",
-         "--max-new-tokens", "150", "--device", "cpu"], stdin=subprocess.PIPE,
+         "--max-new-tokens", "450", "--device", "cpu"], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     received: list[str] = []
 
@@ -369,7 +369,7 @@ def test_chat_command_survives_ctrl_c_during_an_answer(tmp_path):
         process.send_signal(signal.SIGINT)
         wait_for(lambda text: "[stopped]" in text and text.endswith("\n> "))
         answer = "".join(received).split("\n> ", 1)[1].split(" [stopped]")[0]
-        assert 5 < len(answer) < 150
+        assert 5 < len(answer) < 450  # long enough that Ctrl-C lands before its end
         process.stdin.write("again\n")
         process.stdin.flush()
         wait_for(lambda text: text.count("\n> ") >= 3, timeout=120)
