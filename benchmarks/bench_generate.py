@@ -119,13 +119,15 @@ class StepClock:
 
 def streamed_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: all weights but the embeddings, which are looked up by
-    row (plus the tied head, which reads the token embedding once)."""
+    row (plus the tied head, which reads the token embedding once); oneDNN's packed
+    weights are attributes, not buffers, and counted too."""
     skip = {"transformer.wpe.weight", "transformer.wte.weight"}
     tensors = {name: t for name, t in (*model.named_parameters(), *model.named_buffers())
                if name not in skip and ".kv_cache." not in name}
+    counted = {id(t) for t in tensors.values()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     total += sum(t.numel() * t.element_size() for m in model.modules()
-                 if isinstance(t := getattr(m, "packed", None), torch.Tensor))
+                 if isinstance(t := getattr(m, "packed", None), torch.Tensor) and id(t) not in counted)
     tied = not any(n.startswith("lm_head") for n in tensors)
     wte = model.transformer.wte.weight
     return total + (wte.numel() * wte.element_size() if tied else 0)

@@ -32,6 +32,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from bench_generate import read_bandwidth, streamed_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".cache" / "bench_real"
@@ -70,26 +71,6 @@ def gptkit(*args: object) -> None:
     subprocess.run([sys.executable, "-m", "gptkit", *map(str, args)], check=True)
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads: every weight but the embedding table, which is read by
-    row, plus the head (a tied head reads the embedding table once)."""
-    seen, total = set(), 0
-    tensors = [*model.named_parameters(), *model.named_buffers()]
-    for name, t in tensors:
-        if name in ("transformer.wte.weight", "transformer.wpe.weight") or id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    for module in model.modules():  # oneDNN's packed weights are attributes, not buffers
-        packed = getattr(module, "packed", None)
-        if isinstance(packed, torch.Tensor) and id(packed) not in seen:
-            total += packed.numel() * packed.element_size()
-    if not any(name.startswith("lm_head") for name, _ in tensors):
-        wte = model.transformer.wte.weight
-        total += wte.numel() * wte.element_size()
-    return total
-
-
 def gguf_bytes(path: Path) -> int:
     """Bytes of the file's tensors a token reads: all but the embedding lookups, plus the
     tied output matrix (the token embedding, read whole by the head)."""
@@ -110,7 +91,7 @@ class Ours:
 
         self.model, self.tokenizer = load_directory(directory, "cpu", fast=True,
                                                     compile=compile, **settings)
-        self.bytes = weight_bytes(self.model)
+        self.bytes = streamed_bytes(self.model)
 
     def decode(self, prompt: list[int]) -> float:
         from gptkit.generate import generate
@@ -175,9 +156,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=tuple(ROWS), action="append")
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_generate import read_bandwidth
-
     torch.set_num_threads(2)
     directory, files = fetch_model()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)

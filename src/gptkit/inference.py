@@ -37,7 +37,7 @@ from gptkit.kernels.linear import (
     bf16_supported,
     plain_linear,
 )
-from gptkit.model import GPT, UnitOffsetRMSNorm
+from gptkit.model import GPT, UnitOffsetRMSNorm, decode_logits
 from gptkit.runtime import pick_device, pick_dtype
 from gptkit.tokenizer import Tokenizer
 
@@ -186,8 +186,7 @@ class GuardedStep:
 
     def eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
               attn_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, position_ids=position_ids, input_pos=input_pos,
-                          attn_mask=attn_mask)[:, 0]
+        return decode_logits(self.model, tokens, input_pos, position_ids, attn_mask)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:

@@ -553,3 +553,10 @@ class GPT(nn.Module):
         from gptkit.generate import generate
 
         return generate(self, input_ids, **kwargs)
+
+
+def decode_logits(model: GPT, tokens: torch.Tensor, input_pos: torch.Tensor,
+                  position_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """The uncompiled decode step (a `DecodeStep`): next-token logits (B, V) for one new
+    token per row (B, 1), reading and writing the model's KV cache."""
+    return model(tokens, position_ids=position_ids, input_pos=input_pos, attn_mask=attn_mask)[:, 0]

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 import gptkit
-from gptkit.model import GPT, KVCache
+from gptkit.checkpoint import atomic_write_text
+from gptkit.model import GPT, KVCache, decode_logits
 
 CACHE_ENV = "GPTKIT_CACHE_DIR"
 # the sources the decode step is traced from: a change to any of them compiles afresh
@@ -106,8 +107,7 @@ class CompiledStep:
 
     def eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
               attn_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, position_ids=position_ids, input_pos=input_pos,
-                          attn_mask=attn_mask)[:, 0]
+        return decode_logits(self.model, tokens, input_pos, position_ids, attn_mask)
 
     def __call__(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
                  attn_mask: torch.Tensor) -> torch.Tensor:
@@ -130,14 +130,10 @@ def _cache_rows(caches: list[KVCache | None]) -> list[torch.Tensor] | None:
     """Every layer's keys, then values, as whole contiguous rows (1, nkv, capacity, hs): a
     cache of one row, or the first slots of one (a serving engine's view of its pool),
     seen whole; None where the program cannot take them."""
-    rows = []
-    for cache in caches:
-        if cache is None:
-            return None
-        rows.append(cache.k)
-    rows += [cache.v for cache in caches]
+    if any(cache is None for cache in caches):
+        return None
     whole = []
-    for tensor in rows:
+    for tensor in [cache.k for cache in caches] + [cache.v for cache in caches]:
         batch, heads, slots, head_dim = tensor.shape
         capacity, rest = divmod(tensor.stride(1), head_dim)
         if (batch != 1 or rest or capacity < slots or tensor.stride(2) != head_dim
@@ -151,8 +147,7 @@ def _cache_rows(caches: list[KVCache | None]) -> list[torch.Tensor] | None:
 
 def program_key(model: GPT) -> str:
     """A digest of everything the compiled program depends on."""
-    tensors = [(name, tuple(t.shape), str(t.dtype))
-               for name, t in (*model.named_parameters(), *model.named_buffers())]
+    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in model_tensors(model).items()]
     source = hashlib.sha256()
     package = Path(gptkit.__file__).parent
     for path in sorted(path for pattern in GRAPH_SOURCES for path in package.glob(pattern)):
@@ -182,7 +177,8 @@ def load_or_compile(model: GPT) -> CompiledStep | None:
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            _write_atomic(failed, (reason + "\n").encode())
+            directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(failed, reason + "\n")
             _warn(reason)
             return None
     try:
@@ -266,13 +262,6 @@ class _Progress:
             self.thread.join()
         print(f"\r{self.message}: {time.monotonic() - self.start:.0f} s, done."
               if exc[0] is None else "", file=sys.stderr, flush=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-        tmp.write(data)
-    os.replace(tmp.name, path)
 
 
 def _warn(reason: str) -> None:
