@@ -104,13 +104,14 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
 
     `dtype` (float32 or bfloat16) is the dtype of the activations and of every weight
     that is not quantized; `quantize="int8"` stores the linear layers' weights as int8
-    with per-channel scales, `quantize="int4"` as 4-bit codes with a step and an offset per
-    group of 32 inputs (`gptkit.kernels.int4`). bf16 on a device without native bf16 falls back to fp32
-    with a warning. `compile=True` compiles the decode step: on CPU ahead of time, once
-    per model shape and machine (`gptkit.kernels.aot`), for steps of one row; on GPU with
-    `torch.compile` and CUDA graphs. If compiling fails, generation warns and runs eagerly. `batch_size` is the
-    number of rows a decode step usually carries: a serving engine's batch (> 1) gets
-    weights packed for products of that many rows on CPU. Returns `model`.
+    with per-channel scales, `quantize="int4"` as 4-bit codes with a step and an offset
+    per group of 32 inputs (`gptkit.kernels.int4`, CPU only). bf16 on a device without
+    native bf16 falls back to fp32 with a warning. `compile=True` compiles the decode
+    step: on CPU ahead of time, once per model shape and machine (`gptkit.kernels.aot`),
+    for steps of one row; on GPU with `torch.compile` and CUDA graphs. If compiling
+    fails, generation warns and runs eagerly. `batch_size` is the number of rows a decode
+    step usually carries: a serving engine's batch (> 1) gets weights packed for
+    products of that many rows on CPU. Returns `model`.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise GptkitError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype!r}.")
