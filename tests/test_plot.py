@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from gptkit.errors import GptkitError
-from gptkit.plot import plot_runs, split_metrics
+from gptkit.plot import benchmark_keys, plot_runs, split_metrics
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours
 
@@ -103,3 +103,25 @@ def test_a_demo_folder_plots_the_run_inside_it(tmp_path):
     (tmp_path / "demo" / "corpus").mkdir()
     out = plot_runs([tmp_path / "demo"], tmp_path / "demo.png")
     assert has_colour(pixels(out), C0)
+
+
+def test_benchmark_scores_get_their_own_panel(tmp_path):
+    run = write_run(tmp_path / "run")
+    plain = pixels(plot_runs([run], tmp_path / "plain.png"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    scored = []
+    for line in lines:
+        record = json.loads(line)
+        if "val_loss" in record:  # what --eval-benchmark hellaswag,core adds to an eval
+            record |= {"benchmark/hellaswag/acc": 0.25 + record["step"] / 400,
+                       "benchmark/hellaswag/acc_norm": 0.26 + record["step"] / 300,
+                       "benchmark/hellaswag/acc_norm_stderr": 0.01,
+                       "benchmark/core": record["step"] / 1000}
+        scored.append(json.dumps(record))
+    (run / "metrics.jsonl").write_text("\n".join(scored) + "\n")
+    assert benchmark_keys(split_metrics(run)[1]) == {"core": "benchmark/core",
+                                                     "hellaswag": "benchmark/hellaswag/acc_norm"}
+    image = pixels(plot_runs([run], tmp_path / "scored.png"))
+    assert plain.shape == (480, 720, 3) and image.shape == (640, 720, 3)  # a third row
+    band = image[250:400]  # the scores panel, between the loss and the lr/speed panels
+    assert has_colour(band, C0)
