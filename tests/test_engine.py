@@ -4,6 +4,7 @@ prefill, per-request sampling and seeds, eos, queue limits, cancellation."""
 from __future__ import annotations
 
 import pytest
+import torch
 from serve_helpers import TEXT, collect, make_model_dir, offline, request, serve_all
 
 from gptkit.generate import generate
@@ -168,3 +169,43 @@ def test_one_row_decodes_through_the_compiled_step_on_a_view_of_the_pool(model_d
         assert result == (offline(model_dir, prompt, n), "length", n)
     # every token: the engine feeds the last prompt token in with the first decode step
     assert model.compiled_decode.runner.calls == sum(lengths)
+
+
+def test_serving_layout_runs_one_row_compiled_and_batches_packed(model_dir, exported_decode):
+    # As `gptkit serve` loads on CPU by default: the compiled one-row step over the plain
+    # weights, and a packed copy for the steps and prefills over several rows.
+    from gptkit.inference import load_directory
+    from gptkit.kernels.linear import RowLinear, TiledLinear
+
+    model, tokenizer = load_directory(model_dir, "cpu", compile=True, batch_size=3)
+    assert isinstance(model.lm_head, TiledLinear) and model.lm_head.packed is not None
+    layer = model.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, RowLinear) and layer.packed is not None
+    x = torch.randn(5, layer.weight.size(1))
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                               rtol=1e-4, atol=1e-4)
+    engine = Engine(model, tokenizer, max_batch_size=3, max_queue=16, prefill_chunk=4)
+    prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(6)]
+    lengths = [5 + 7 * (i % 3) for i in range(6)]
+    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
+    assert serve_all(engine, pairs) == [(offline(model_dir, p, n), "length", n)
+                                        for p, n in zip(prompts, lengths, strict=True)]
+    # the compiled program took the steps of one row only, the packed layers the rest
+    assert 0 < model.compiled_decode.runner.calls < engine.stats()["decode_steps"]
+
+
+def test_the_pool_is_zeroed_only_as_far_as_attention_reads_it(loaded, model_dir):
+    # The pool is allocated uninitialized; NaN is the worst that memory may hold there.
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_batch_size=3, max_queue=16, prefill_chunk=4)
+    with torch.inference_mode():
+        for full in engine._full_caches:
+            full.k.fill_(float("nan"))
+            full.v.fill_(float("nan"))
+    prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(6)]
+    lengths = [5 + 7 * (i % 3) for i in range(6)]
+    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
+    assert serve_all(engine, pairs) == [(offline(model_dir, p, n), "length", n)
+                                        for p, n in zip(prompts, lengths, strict=True)]
+    assert max(engine._cleared) == 64 < engine.context  # one block of slots was ever read
+    assert bool(engine._full_caches[0].k[:, :, 64:].isnan().all())  # the rest never touched

@@ -84,7 +84,7 @@ def test_a_scheduler_that_breaks_is_reported_not_hidden(model_dir, monkeypatch):
     engine.submit([first])
     engine.start()
     text, error, _ = collect(inbox)
-    engine._thread.join(timeout=30)
+    engine._running.exception(timeout=30)  # the scheduler has ended
     assert error.startswith("the generation engine stopped: boom")
     assert not engine.alive and isinstance(engine.fatal, MemoryError) and told == [True]
     engine.close()

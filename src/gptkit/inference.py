@@ -111,7 +111,8 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
     for steps of one row; on GPU with `torch.compile` and CUDA graphs. If compiling
     fails, generation warns and runs eagerly. `batch_size` is the number of rows a decode
     step usually carries: a serving engine's batch (> 1) gets weights packed for
-    products of that many rows on CPU. Returns `model`.
+    products of that many rows on CPU (with `compile`, as a copy beside the plain layout
+    that the compiled one-row step reads). Returns `model`.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise GptkitError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype!r}.")
@@ -126,7 +127,7 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
         dtype = torch.float32
     model.eval()
     # a serving engine's decode steps carry many rows: weights packed for that many
-    packed_rows = (batch_size if device.type == "cpu" and batch_size > 1 and not compile
+    packed_rows = (batch_size if device.type == "cpu" and batch_size > 1
                    and torch.backends.mkldnn.is_available() else None)
     make = _linear_factory(dtype, quantize, device, compile, packed_rows)
     for block in model.transformer.h:
@@ -135,8 +136,9 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
             setattr(parent, name, make(getattr(parent, name)))
     # the head gets its own copy, untied from the embedding
     tiled = (device.type == "cpu" and dtype == torch.float32 and quantize is None
-             and packed_rows is None)
-    model.lm_head = TiledLinear(model.lm_head.weight) if tiled else make(model.lm_head)
+             and (packed_rows is None or compile))
+    model.lm_head = (TiledLinear(model.lm_head.weight, packed_rows) if tiled
+                     else make(model.lm_head))
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm, UnitOffsetRMSNorm)):
             module.to(dtype)
@@ -164,8 +166,8 @@ def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.devi
         return lambda lin: layer(lin.weight, cast(lin.bias), compute)
     if device.type != "cpu":
         return lambda lin: plain_linear(cast(lin.weight), cast(lin.bias))
-    if compile:
-        return lambda lin: RowLinear(cast(lin.weight), cast(lin.bias))
+    if compile:  # a serving engine's batches (packed_rows) read a packed copy
+        return lambda lin: RowLinear(cast(lin.weight), cast(lin.bias), packed_rows)
     if dtype == torch.bfloat16 or packed_rows is not None:
         return lambda lin: OneDnnLinear(lin.weight, lin.bias, dtype, packed_rows or 1)
     return lambda lin: TransposedLinear(cast(lin.weight), cast(lin.bias))

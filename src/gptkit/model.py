@@ -58,10 +58,11 @@ class KVCache(nn.Module):
 
     @classmethod
     def empty(cls, batch_size: int, n_head: int, max_slots: int, head_dim: int,
-              dtype: torch.dtype, device: torch.device | str | None) -> KVCache:
+              dtype: torch.dtype, device: torch.device | str | None,
+              zeroed: bool = True) -> KVCache:
         shape = (batch_size, n_head, max_slots, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device),
-                   torch.zeros(shape, dtype=dtype, device=device))
+        make = torch.zeros if zeroed else torch.empty
+        return cls(make(shape, dtype=dtype, device=device), make(shape, dtype=dtype, device=device))
 
     def rows(self, start: int, stop: int, slots: int | None = None) -> KVCache:
         """A cache over rows start..stop-1 (and the first `slots` slots) of this one, sharing
@@ -488,8 +489,12 @@ class GPT(nn.Module):
     # -- KV cache --------------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, max_slots: int, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> None:
-        """Preallocate a KV cache of `max_slots` positions for `batch_size` rows."""
+                    device: torch.device | str | None = None, zeroed: bool = True) -> None:
+        """Preallocate a KV cache of `max_slots` positions for `batch_size` rows.
+
+        `zeroed=False` leaves it uninitialized, for a caller that zeroes every slot before
+        attention first reads it: memory never reached is then never touched (a serving
+        engine's pool, sized for its longest possible rows)."""
         if max_slots > self.config.block_size:
             raise GptkitError(f"A cache of {max_slots} positions exceeds the model's context of "
                               f"{self.config.block_size}.")
@@ -498,7 +503,7 @@ class GPT(nn.Module):
         device = device or self.device
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache.empty(batch_size, self.config.n_kv_head, max_slots,
-                                                self.config.head_dim, dtype, device)
+                                                self.config.head_dim, dtype, device, zeroed)
 
     def clear_cache(self) -> None:
         self.kv_caches = [None] * len(self.transformer.h)

@@ -205,7 +205,9 @@ def _compile(model: GPT, package: Path) -> None:
     from torch import _inductor  # a second of imports that only compiling needs
 
     with _Progress(f"Compiling the decode step for this model's shape and CPU, once "
-                   f"(cached in {package.parent})"), torch.no_grad():
+                   f"(cached in {package.parent})"), torch.no_grad(), warnings.catch_warnings():
+        # torch's own deprecation notices (about its internals) would break the progress line
+        warnings.simplefilter("ignore", FutureWarning)
         program = export(model)
         with tempfile.TemporaryDirectory(dir=package.parent) as work:
             built = _inductor.aoti_compile_and_package(

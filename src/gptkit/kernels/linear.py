@@ -9,13 +9,15 @@ oneDNN's blocked layout. `gptkit.inference.optimize_for_inference` picks among t
 
 | dtype / quantize | CPU                                   | CPU, compile=True        | GPU                |
 | fp32             | `TransposedLinear` (addmm, (in, out)) | `RowLinear` (fp32)       | `nn.Linear`        |
-| fp32, batch > 1  | `OneDnnLinear` (fp32, packed)         | `RowLinear` (fp32)       | `nn.Linear`        |
+| fp32, batch > 1  | `OneDnnLinear` (fp32, packed)         | `RowLinear` + packed     | `nn.Linear`        |
 | bf16             | `OneDnnLinear` (pre-packed oneDNN)    | `RowLinear` (bf16)       | `nn.Linear` (bf16) |
 | int8             | `Int8Linear` (int8 rows, bf16 math)   | `Int8Linear`             | `Int8Linear`       |
 
 An fp32 LM head on CPU is a `TiledLinear`, compiled or not: its weight in tiles of 16
 output features streams fastest both ways at batch 1; at a serving engine's batch sizes
 ("batch > 1": the rows one decode step is packed for) the packed oneDNN weight is faster.
+A compiled serving model keeps both: the plain layout for its compiled one-row steps, a
+packed copy for the eager steps over several rows.
 """
 
 from __future__ import annotations
@@ -57,12 +59,22 @@ class OneDnnLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype = torch.bfloat16, batch_size: int = 1) -> None:
         super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(
-            weight.detach().to(dtype).contiguous(), batch_size)
+        self.packed = pack_weight(weight.to(dtype), batch_size)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """weight (out, in) reordered once into oneDNN's blocked layout for products of about
+    `rows` rows: an opaque MKLDNN tensor that only `packed_linear` reads."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 class RowLinear(nn.Module):
@@ -70,16 +82,22 @@ class RowLinear(nn.Module):
 
     Inside `torch.compile` a decode step's few rows are multiplied by `rowwise_matmul`,
     which the compiler turns into one pass over the weight; outside it (the prompt's
-    prefill, or an eager fallback) it is a plain `F.linear`.
+    prefill, or an eager fallback) it is a plain `F.linear`. With `packed_rows` it also
+    keeps a oneDNN-packed copy for the eager products over several rows (a serving
+    engine's batched steps and prefills): twice the memory, each path at its fastest.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 packed_rows: int | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", weight.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.packed = None if packed_rows is None else pack_weight(weight, packed_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
+        if self.packed is not None and flat.size(0) > 1 and not torch.compiler.is_compiling():
+            return packed_linear(x, self.packed, self.bias)
         if not fuses_rows(flat):
             return F.linear(x, self.weight, self.bias)
         y = rowwise_matmul(flat, self.weight).to(x.dtype)
@@ -90,14 +108,18 @@ class RowLinear(nn.Module):
 class TiledLinear(nn.Module):
     """An fp32 linear without bias over its weight in tiles of 16 output features (see
     `gptkit.kernels.rowwise.tiled_matmul`): the LM head's layout on CPU, where its 50k short rows
-    are the largest product of a decode step."""
+    are the largest product of a decode step. `packed_rows`: as `RowLinear`'s."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, packed_rows: int | None = None) -> None:
         super().__init__()
         self.out_features = weight.size(0)
         self.register_buffer("tiles", tile_weight(weight.detach()))
+        self.packed = None if packed_rows is None else pack_weight(weight, packed_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.packed is not None and x.numel() > x.size(-1)
+                and not torch.compiler.is_compiling()):
+            return packed_linear(x, self.packed, None)
         y = tiled_matmul(x.reshape(-1, x.size(-1)), self.tiles)[:, :self.out_features]
         return y.view(*x.shape[:-1], self.out_features)
 

@@ -442,7 +442,7 @@ def _sse(value: Any) -> str:
 
 def create_app(model: str | Path, *, device: str | None = "auto", api_key: str | None = None,
                max_batch_size: int = 8, max_queue: int = 64, limits: Limits | None = None,
-               dtype: str = "float32", quantize: str | None = None, compile: bool | None = False,
+               dtype: str = "float32", quantize: str | None = None, compile: bool | None = None,
                cors_origins: list[str] | None = None,
                access_log: Callable[[str], None] | None = None) -> FastAPI:
     """Load the model and build the app; the engine thread runs while the app is served.
@@ -452,13 +452,13 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
 
     The model is served in the fast decoding layouts of
     `gptkit.inference.optimize_for_inference` for `dtype`, `quantize` and `compile`, as
-    `gptkit generate` runs it, with fp32 weights packed for decode steps of
-    `max_batch_size` rows on CPU.
+    `gptkit generate` runs it (`compile=None`: compiled where that is the default, on CPU),
+    with fp32 and bf16 weights packed for decode steps of `max_batch_size` rows on CPU.
     """
     from gptkit.checkpoint import resolve_model_dir
     from gptkit.inference import load_directory
     from gptkit.runtime import DTYPES
-    from gptkit.serve.engine import Engine
+    from gptkit.serve.engine import Engine, ModelThread
     from gptkit.tasks import read_task_file
 
     limits = limits or Limits()
@@ -467,16 +467,21 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
     if dtype not in ("float32", "bfloat16"):
         raise GptkitError(f"--dtype '{dtype}' is not served; expected float32 or bfloat16.")
     directory = resolve_model_dir(model)
-    # Not compiled unless asked: on CPU the compiled one-row step needs the plain weight
-    # layout, which makes the steps over many rows slower than the packed one
-    # (docs/performance.md, Serving).
-    gpt, tokenizer = load_directory(directory, device, DTYPES[dtype], fast=True,
-                                    quantize=quantize, compile=bool(compile),
-                                    batch_size=max_batch_size)
+    # On CPU (by default) a step of one row runs the compiled program over the plain
+    # weights, and steps over several rows a packed copy (docs/performance.md, Serving).
+    # in the thread that will decode it (see gptkit.serve.engine.ModelThread)
+    thread = ModelThread()
+    try:
+        gpt, tokenizer = thread.submit(
+            load_directory, directory, device, DTYPES[dtype], fast=True, quantize=quantize,
+            compile=compile, batch_size=max_batch_size).result()
+    except BaseException:
+        thread.stop()
+        raise
     # a chat model's answer ends at its end-of-turn token (and at end-of-text)
     eos = stop_token_ids(tokenizer) if tokenizer.chat_template is not None else None
     served = _Served(Engine(gpt, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                            eos_token_id=eos),
+                            eos_token_id=eos, thread=thread),
                      tokenizer, Path(str(model).rstrip("/")).name or directory.name,
                      read_task_file(directory), limits, api_key or None, chat_format(tokenizer),
                      given=str(model))
@@ -921,7 +926,7 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch_size: int = 8, max_queue: int = 64,
           device: str | None = "auto", dtype: str = "float32", quantize: str | None = None,
-          compile: bool | None = False, cors_origins: list[str] | None = None) -> None:
+          compile: bool | None = None, cors_origins: list[str] | None = None) -> None:
     """Serve `model` until Ctrl-C or SIGTERM (uvicorn finishes open responses, then exits).
 
     The port is taken before the model loads, so a busy one is said at once, and the

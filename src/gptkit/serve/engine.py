@@ -16,10 +16,15 @@ the cache belongs to whichever request sits in row r). A scheduler thread repeat
    length limit or a cancel; the next queued request joins at the next step.
 
 The model runs only in that thread, so an asyncio server calling `submit` never blocks
-on model work. Rows decode exactly as they would alone (masks hide other requests and
+on model work. It is a `ModelThread`, where a server also loads the model: PyTorch's OpenMP runtime keeps a team of worker threads for every thread that
+runs parallel tensor work, and two teams on the same cores (a model loaded in one
+thread and decoded in another) make every team yield its cores between operations,
+which slows decoding by up to half (docs/performance.md, Serving). Rows decode exactly as they would alone (masks hide other requests and
 stale cache slots), so greedy output equals `gptkit.generate.generate`.
 
-    engine = Engine(model, tokenizer, max_batch_size=8)
+    thread = ModelThread()
+    model, tokenizer = thread.submit(load_for_inference, "runs/mine", fast=True).result()
+    engine = Engine(model, tokenizer, max_batch_size=8, thread=thread)
     engine.start()
     engine.submit([GenerationRequest(tokenizer.encode("Hello"), 20, sink=print)])
 """
@@ -27,11 +32,13 @@ stale cache slots), so greedy output equals `gptkit.generate.generate`.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -53,8 +60,37 @@ log = logging.getLogger(__name__)
 # Attention reads the cache in blocks of this many slots: enough to cover every row's
 # position, few enough distinct shapes that views and compiled steps are reused.
 SLOT_BLOCK = 64
+T = TypeVar("T")
 # Finish reasons, as OpenAI names them.
 STOP, LENGTH = "stop", "length"
+
+
+class ModelThread:
+    """The one thread that should run all of a served model's tensor work: load the model
+    through it (`thread.submit(load, ...).result()`), then give it to the `Engine`, whose
+    scheduler runs there too. Callables run in the order given; it is a daemon thread, so
+    an engine never closed does not keep the interpreter from exiting."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="gptkit-engine", daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
+    def stop(self) -> None:
+        """End the thread once the callables already given have run."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args, kwargs = job
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:  # the caller's to handle, through the future
+                future.set_exception(exc)
 
 
 class QueueFull(Exception):
@@ -163,7 +199,8 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: TextCodec, *, max_batch_size: int = 8,
                  max_queue: int = 64, prefill_chunk: int = 256,
-                 eos_token_id: int | Sequence[int] | None = None) -> None:
+                 eos_token_id: int | Sequence[int] | None = None,
+                 thread: ModelThread | None = None) -> None:
         if max_batch_size < 1 or max_queue < 0 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1, max_queue >= 0")
         self.model = model.eval()
@@ -182,37 +219,44 @@ class Engine:
         self._queue: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._thread = thread or ModelThread()  # runs the scheduler and the model's setup
+        self._running: Future[None] | None = None
         self.fatal: BaseException | None = None  # what stopped the scheduler, if anything did
         self.on_fatal: Callable[[], None] | None = None  # told when the scheduler stops for good
         self.completed = 0
         self.cancelled = 0
         self.decode_steps = 0
+        self._views: dict[tuple[int, int, int], list[KVCache]] = {}
+        self._thread.submit(self._allocate).result()
+
+    def _allocate(self) -> None:
+        """The cache pool and the attention tables, made in the model's thread."""
         with torch.inference_mode():
-            model.setup_cache(max_batch_size, self.context)
+            # uninitialized: rows are zeroed as far as attention reads them (`_clear`)
+            self.model.setup_cache(self.max_batch_size, self.context, zeroed=False)
+            self._cleared = [0] * self.max_batch_size  # slots zeroed so far, per row
             # causal[i] = which cache slots a token at slot i may attend to
             self._causal = torch.ones(self.context, self.context, dtype=torch.bool,
                                       device=self.device).tril()
             self._slots = torch.arange(self.context, device=self.device)
-        self._full_caches = model.kv_caches
-        self._views: dict[tuple[int, int, int], list[KVCache]] = {}
+        self._full_caches = self.model.kv_caches
 
     # -- the public, thread-safe side ------------------------------------------------
 
     def start(self) -> None:
-        """Start the scheduler thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
-            self._thread.start()
+        """Start the scheduler (in the model's thread)."""
+        if self._running is None:
+            self._running = self._thread.submit(self._loop)
 
     def close(self) -> None:
         """Stop the scheduler; requests still queued or running end with an error event."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._running is not None:
+            self._running.result()
+            self._running = None
+        self._thread.stop()
         for request in [*self._queue, *(row.request for row in self._rows if row)]:
             _send(request, Event(error="the server is shutting down", status=503))
         self._queue.clear()
@@ -230,8 +274,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        """Whether the scheduler thread is running and can take requests."""
-        return self._thread is not None and self._thread.is_alive() and self.fatal is None
+        """Whether the scheduler is running and can take requests."""
+        return self._running is not None and not self._running.done() and self.fatal is None
 
     def stats(self) -> dict[str, int]:
         """Rows in use, requests waiting, requests completed or cancelled, decode steps run."""
@@ -333,11 +377,25 @@ class Engine:
         """`needed` cache slots rounded up to a multiple of SLOT_BLOCK."""
         return min(self.context, -(-needed // SLOT_BLOCK) * SLOT_BLOCK)
 
+    def _clear(self, rows: Sequence[int], slots: int) -> None:
+        """Zero the first `slots` slots of these rows where no step has read them yet.
+
+        Attention multiplies the values of masked slots by zero weights, which is only zero
+        when they hold numbers: whatever the memory held before must not be NaN. Later
+        requests in a row read the finite keys and values of earlier ones, masked."""
+        for row in rows:
+            if self._cleared[row] < slots:
+                for full in self._full_caches:
+                    full.k[row, :, self._cleared[row]:slots].zero_()
+                    full.v[row, :, self._cleared[row]:slots].zero_()
+                self._cleared[row] = slots
+
     def _use_rows(self, start: int, stop: int, needed: int) -> int:
         """Point every layer at rows start..stop-1 of the cache, over the first `needed`
         slots rounded up to a multiple of SLOT_BLOCK (views share the cache's memory), so
         attention reads only slots some row has reached; returns that number of slots."""
         slots = self._span(needed)
+        self._clear(range(start, stop), slots)
         views = self._views.get((start, stop, slots))
         if views is None:
             views = [full.rows(start, stop, slots) for full in self._full_caches]
@@ -366,6 +424,7 @@ class Engine:
             self._use_rows(rows[0], rows[0] + 1, span)
         else:
             picked = torch.tensor(rows, device=self.device)
+            self._clear(rows, span)
             self.model.kv_caches = [full.gather(picked, span) for full in self._full_caches]
         self.model.hidden_states(torch.tensor(ids, device=self.device), position_ids=slots,
                                  input_pos=slots, attn_mask=self._causal[slots, :span][:, None])
