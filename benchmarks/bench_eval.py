@@ -34,9 +34,11 @@ FIELDS = {
     "schema": 'output_type: multiple_choice\ndoc_to_text: "{{gold}}"\n'
               'doc_to_choice: "{{context_options}}"\ndoc_to_target: "{{continuation}}"'
               + MC_METRICS,
-    # as lm-eval's lambada_openai: acc is "the continuation is the greedy one"
+    # as lm-eval's lambada_openai (the space in the target: a loglikelihood request has no
+    # delimiter of its own); acc is "the continuation is the greedy one"
     "language_modeling": 'output_type: loglikelihood\ndoc_to_text: "{{context}}"\n'
-                         'doc_to_target: "{{continuation}}"\nmetric_list:\n'
+                         'doc_to_target: "{{\' \' + continuation}}"\ntarget_delimiter: ""\n'
+                         'metric_list:\n'
                          '  - metric: perplexity\n    aggregation: perplexity\n'
                          '    higher_is_better: false\n  - metric: acc\n    aggregation: mean\n'
                          '    higher_is_better: true',

@@ -256,7 +256,8 @@ class Tokenizer:
         specials: dict[str, str] | None = None,
     ) -> None:
         self._backend = backend
-        self._kind = _detect_kind(json.loads(backend.to_str()))
+        spec = json.loads(backend.to_str())
+        self._kind = _detect_kind(spec)
         self._eos_token = eos_token
         # padding (and bos) stay end-of-text when a chat tokenizer's eos becomes <|im_end|>
         self._pad_token = pad_token or eos_token
@@ -264,11 +265,12 @@ class Tokenizer:
         self._specials = dict(specials or {})
         self.model_max_length = model_max_length
         self.chat_template = chat_template  # a Jinja chat template (chat models), or None
-        self._refresh()
+        self._refresh(spec)
 
-    def _refresh(self) -> None:
-        """Derive ids, sizes and the fast engine from the backend (again, after adding tokens)."""
-        spec = json.loads(self._backend.to_str())
+    def _refresh(self, spec: dict[str, Any] | None = None) -> None:
+        """Derive ids, sizes and the fast engine from the backend (again, after adding
+        tokens); `spec` is the backend's JSON, where the caller has it parsed already."""
+        spec = spec if spec is not None else json.loads(self._backend.to_str())
         for name, token in (("end-of-text", self._eos_token), ("padding", self._pad_token)):
             if self._backend.token_to_id(token) is None:
                 raise GptkitError(

@@ -41,7 +41,25 @@ def rowwise_matmul(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([(row.float() * w).sum(-1) for row in flat.unbind(0)])
 
 
-@torch.library.custom_op("gptkit::realize", mutates_args=())
+# The op is declared with the low-level library API: `torch.library.custom_op` wraps its
+# kernel in a guard that imports torch._dynamo (about a second) on the first call,
+# which a compiled program makes at its first step.
+_LIBRARY = torch.library.Library("gptkit", "DEF")
+_LIBRARY.define("realize(Tensor x) -> Tensor")
+
+
+def _copy(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+_LIBRARY.impl("realize", _copy, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("gptkit::realize")
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def realize(x: torch.Tensor) -> torch.Tensor:
     """A copy of `x` that inductor cannot see through, so `x` is computed once into memory.
 
@@ -50,12 +68,7 @@ def realize(x: torch.Tensor) -> torch.Tensor:
     divisions are then redone for every weight element of the largest product of the step
     (docs/architectures.md has the measured cost).
     """
-    return x.clone()
-
-
-@realize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return torch.ops.gptkit.realize(x)
 
 
 TILE = 16  # output features per tile: one AVX-512 register of fp32 sums
