@@ -4,9 +4,9 @@
     python benchmarks/bench_eval.py --model /tmp/smol/dir --limit 100 --sets arc_easy,piqa
 
 The same model directory, the same first `--limit` items of each vendored set
-(multiple-choice, schema or language-modelling; zero-shot, written to a local task YAML so lm-eval runs offline), one run
-each in this process; model loading is not timed. Prints both scores (they should agree)
-and the speed ratio. Needs `pip install lm-eval`.
+(multiple-choice, schema or language-modelling; zero-shot, written to a local task YAML
+so lm-eval runs offline), one run each in this process; model loading is not timed.
+Prints both scores (they should agree) and the speed ratio. Needs `pip install lm-eval`.
 """
 
 from __future__ import annotations

@@ -22,17 +22,24 @@ def loaded(model_dir):
     return load_for_inference(model_dir, "cpu")  # a fresh copy: an engine owns its model
 
 
+def staggered(tokenizer, model_dir, count: int) -> tuple[list, list]:
+    """`count` greedy requests whose prompts (3 to 18 tokens) and lengths differ, so rows
+    join and leave at different steps, and what each must give: `generate`'s text alone."""
+    prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(count)]
+    lengths = [5 + 7 * (i % 3) for i in range(count)]
+    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
+    return pairs, [(offline(model_dir, p, n), "length", n)
+                   for p, n in zip(prompts, lengths, strict=True)]
+
+
 def test_rows_join_and_leave_and_match_offline_greedy(loaded, model_dir):
     model, tokenizer = loaded
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=16, prefill_chunk=4)
-    prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(10)]  # prompts of 3 to 18 tokens
-    lengths = [5 + 7 * (i % 3) for i in range(10)]  # requests end at different steps
-    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
-    results = serve_all(engine, pairs)
-    assert results == [(offline(model_dir, p, n), "length", n) for p, n in zip(prompts, lengths, strict=True)]
+    pairs, expected = staggered(tokenizer, model_dir, 10)
+    assert serve_all(engine, pairs) == expected
     stats = engine.stats()
     assert stats["completed"] == 10 and stats["active"] == stats["queued"] == 0
-    assert stats["decode_steps"] < sum(lengths) * 0.5  # rows really shared forward passes
+    assert stats["decode_steps"] < sum(r.max_new_tokens for r, _ in pairs) * 0.5  # shared passes
 
 
 def test_prompts_joining_together_share_one_prefill_pass(loaded, model_dir, monkeypatch):
@@ -185,11 +192,8 @@ def test_serving_layout_runs_one_row_compiled_and_batches_packed(model_dir, expo
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
                                rtol=1e-4, atol=1e-4)
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=16, prefill_chunk=4)
-    prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(6)]
-    lengths = [5 + 7 * (i % 3) for i in range(6)]
-    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
-    assert serve_all(engine, pairs) == [(offline(model_dir, p, n), "length", n)
-                                        for p, n in zip(prompts, lengths, strict=True)]
+    pairs, expected = staggered(tokenizer, model_dir, 6)
+    assert serve_all(engine, pairs) == expected
     # the compiled program took the steps of one row only, the packed layers the rest
     assert 0 < model.compiled_decode.runner.calls < engine.stats()["decode_steps"]
 
@@ -202,10 +206,7 @@ def test_the_pool_is_zeroed_only_as_far_as_attention_reads_it(loaded, model_dir)
         for full in engine._full_caches:
             full.k.fill_(float("nan"))
             full.v.fill_(float("nan"))
-    prompts = [TEXT[i:i + 3 + 5 * (i % 4)] for i in range(6)]
-    lengths = [5 + 7 * (i % 3) for i in range(6)]
-    pairs = [request(tokenizer, p, n, temperature=0) for p, n in zip(prompts, lengths, strict=True)]
-    assert serve_all(engine, pairs) == [(offline(model_dir, p, n), "length", n)
-                                        for p, n in zip(prompts, lengths, strict=True)]
+    pairs, expected = staggered(tokenizer, model_dir, 6)
+    assert serve_all(engine, pairs) == expected
     assert max(engine._cleared) == 64 < engine.context  # one block of slots was ever read
     assert bool(engine._full_caches[0].k[:, :, 64:].isnan().all())  # the rest never touched

@@ -90,7 +90,7 @@ def load_directory(directory: Path, device: str | None = "auto",
 
 
 def compile_by_default(device: torch.device) -> bool:
-    """Whether `gptkit generate` and `chat` compile the decode step when not told:
+    """Whether `gptkit generate`, `chat` and `serve` compile the decode step when not told:
     on CPU, where a compiled step is cached on disk and loads in well under a second after
     the first run (`gptkit.kernels.aot`), unless $GPTKIT_COMPILE is 0; not on GPUs, where
     compiling (CUDA graphs) happens anew in every process."""

@@ -77,6 +77,13 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def takes_packed_copy(packed: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether a layer with a packed copy (`RowLinear`, `TiledLinear`) multiplies `x` by
+    it: products over several rows, run eagerly (a compiled step reads the plain layout)."""
+    return (packed is not None and x.numel() > x.size(-1)
+            and not torch.compiler.is_compiling())
+
+
 class RowLinear(nn.Module):
     """A linear layer for compiled decoding on CPU: weight (out, in), fp32 or bf16.
 
@@ -95,9 +102,9 @@ class RowLinear(nn.Module):
         self.packed = None if packed_rows is None else pack_weight(weight, packed_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1))
-        if self.packed is not None and flat.size(0) > 1 and not torch.compiler.is_compiling():
+        if takes_packed_copy(self.packed, x):
             return packed_linear(x, self.packed, self.bias)
+        flat = x.reshape(-1, x.size(-1))
         if not fuses_rows(flat):
             return F.linear(x, self.weight, self.bias)
         y = rowwise_matmul(flat, self.weight).to(x.dtype)
@@ -117,8 +124,7 @@ class TiledLinear(nn.Module):
         self.packed = None if packed_rows is None else pack_weight(weight, packed_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.packed is not None and x.numel() > x.size(-1)
-                and not torch.compiler.is_compiling()):
+        if takes_packed_copy(self.packed, x):
             return packed_linear(x, self.packed, None)
         y = tiled_matmul(x.reshape(-1, x.size(-1)), self.tiles)[:, :self.out_features]
         return y.view(*x.shape[:-1], self.out_features)

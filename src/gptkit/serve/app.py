@@ -467,9 +467,9 @@ def create_app(model: str | Path, *, device: str | None = "auto", api_key: str |
     if dtype not in ("float32", "bfloat16"):
         raise GptkitError(f"--dtype '{dtype}' is not served; expected float32 or bfloat16.")
     directory = resolve_model_dir(model)
-    # On CPU (by default) a step of one row runs the compiled program over the plain
-    # weights, and steps over several rows a packed copy (docs/performance.md, Serving).
-    # in the thread that will decode it (see gptkit.serve.engine.ModelThread)
+    # Loaded in the thread that will decode it (see gptkit.serve.engine.ModelThread). On CPU
+    # (by default) a step of one row runs the compiled program over the plain weights, and
+    # steps over several rows a packed copy (docs/performance.md, Serving).
     thread = ModelThread()
     try:
         gpt, tokenizer = thread.submit(

@@ -16,11 +16,13 @@ the cache belongs to whichever request sits in row r). A scheduler thread repeat
    length limit or a cancel; the next queued request joins at the next step.
 
 The model runs only in that thread, so an asyncio server calling `submit` never blocks
-on model work. It is a `ModelThread`, where a server also loads the model: PyTorch's OpenMP runtime keeps a team of worker threads for every thread that
-runs parallel tensor work, and two teams on the same cores (a model loaded in one
-thread and decoded in another) make every team yield its cores between operations,
-which slows decoding by up to half (docs/performance.md, Serving). Rows decode exactly as they would alone (masks hide other requests and
-stale cache slots), so greedy output equals `gptkit.generate.generate`.
+on model work. It is a `ModelThread`, where a server also loads the model: PyTorch's
+OpenMP runtime keeps a team of worker threads for every thread that runs parallel
+tensor work, and two teams on the same cores (a model loaded in one thread and decoded
+in another) make every team yield its cores between operations, which slows decoding
+by up to half (docs/performance.md, Serving). Rows decode exactly as they would alone
+(masks hide other requests and stale cache slots), so greedy output equals
+`gptkit.generate.generate`.
 
     thread = ModelThread()
     model, tokenizer = thread.submit(load_for_inference, "runs/mine", fast=True).result()
@@ -60,9 +62,9 @@ log = logging.getLogger(__name__)
 # Attention reads the cache in blocks of this many slots: enough to cover every row's
 # position, few enough distinct shapes that views and compiled steps are reused.
 SLOT_BLOCK = 64
-T = TypeVar("T")
 # Finish reasons, as OpenAI names them.
 STOP, LENGTH = "stop", "length"
+T = TypeVar("T")
 
 
 class ModelThread:
@@ -380,9 +382,9 @@ class Engine:
     def _clear(self, rows: Sequence[int], slots: int) -> None:
         """Zero the first `slots` slots of these rows where no step has read them yet.
 
-        Attention multiplies the values of masked slots by zero weights, which is only zero
-        when they hold numbers: whatever the memory held before must not be NaN. Later
-        requests in a row read the finite keys and values of earlier ones, masked."""
+        Attention gives masked slots zero weight, but zero times NaN is NaN, so the pool's
+        uninitialized memory must hold numbers before any step reads it. Later requests in
+        a row read the finite keys and values of earlier ones, masked."""
         for row in rows:
             if self._cleared[row] < slots:
                 for full in self._full_caches:
