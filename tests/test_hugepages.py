@@ -35,7 +35,8 @@ def mapping_of(tensor: torch.Tensor) -> dict[str, str]:
 
 class Holder(nn.Module):
     """Tensors of every kind a model holds: a trainable parameter shared with a child, a
-    frozen one, an int8 buffer, a non-contiguous buffer, an empty slot."""
+    frozen one, an int8 buffer, a non-contiguous buffer, an empty slot, an embedding table
+    of its own and one shared with a linear layer."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,13 +47,20 @@ class Holder(nn.Module):
         self.register_buffer("nothing", None)
         self.child = nn.Linear(600, 1024, bias=False)
         self.child.weight = self.big
+        self.lookup = nn.Embedding(1000, 600)
+        self.tied = nn.Embedding(1024, 600)
+        self.tied.weight = self.big
 
 
 @pytest.mark.skipif(not huge_pages_available(), reason="needs Linux transparent huge pages")
 def test_moved_tensors_keep_values_dtypes_and_sharing_in_one_huge_page_block():
     holder = Holder()
     before = {name: t.clone() for name, t in holder.state_dict().items()}
+    lookup = holder.lookup.weight.data_ptr()
     assert move_to_huge_pages(holder) is True
+    # a table only looked up stays where it was; one a linear layer streams moves
+    assert holder.lookup.weight.data_ptr() == lookup
+    assert holder.tied.weight is holder.big
     after = holder.state_dict()
     assert after.keys() == before.keys()
     for name, tensor in after.items():
@@ -82,6 +90,20 @@ def test_small_modules_and_systems_without_huge_pages_stay_put(monkeypatch):
     assert holder.big.data_ptr() == address
 
 
+@pytest.mark.parametrize("available", [True, False])  # too small for huge pages, or none here
+def test_tensors_at_any_byte_get_an_aligned_block_when_asked(monkeypatch, available):
+    # as safetensors maps them: a tensor may start at any byte of the file
+    raw = torch.randint(-128, 127, (64 * 48 + 5,), dtype=torch.int8)
+    small = nn.Linear(48, 64)
+    small.register_buffer("codes", raw[5:].view(64, 48))
+    before = small.codes.clone()
+    assert small.codes.data_ptr() % 64 != 0
+    monkeypatch.setattr("gptkit.kernels.hugepages.huge_pages_available", lambda: available)
+    assert move_to_huge_pages(small, align_anyway=True) is False
+    assert small.codes.data_ptr() % 64 == 0 and torch.equal(small.codes, before)
+    assert small.weight.data_ptr() % 64 == 0 and small.bias.data_ptr() % 64 == 0
+
+
 @pytest.mark.skipif(not huge_pages_available(), reason="needs Linux transparent huge pages")
 def test_optimized_model_decodes_the_same_tokens_from_huge_pages(monkeypatch):
     config = GPTConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=4, n_embd=128)
@@ -93,7 +115,7 @@ def test_optimized_model_decodes_the_same_tokens_from_huge_pages(monkeypatch):
         model = GPT(config)
         model.load_state_dict(state)
         if not move:
-            monkeypatch.setattr(gptkit.inference, "move_to_huge_pages", lambda module: False)
+            monkeypatch.setattr(gptkit.inference, "move_to_huge_pages", lambda module, **options: False)
         model = optimize_for_inference(model)
         monkeypatch.undo()
         return model, generate(model, prompt, max_new_tokens=12, eos_token_id=None)

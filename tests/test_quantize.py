@@ -95,9 +95,9 @@ def test_int4_groups_round_to_half_a_step_and_the_kernel_computes_their_product(
     assert (error <= steps[..., None] / 2 + 1e-6).all()
     x = torch.randn(5, 96)
     reference = x @ dequantize_groups(codes, steps, minima).t()
-    fp32 = Int4Linear(w, None, torch.float32)
+    fp32 = Int4Linear.quantized(w, None, torch.float32)
     assert torch.allclose(fp32(x), reference, atol=1e-4 * reference.abs().max())
-    bf16 = Int4Linear(w, None, torch.bfloat16)  # bf16 activations, steps and offsets
+    bf16 = Int4Linear.quantized(w, None, torch.bfloat16)  # bf16 activations, steps and offsets
     assert torch.allclose(bf16(x), reference, atol=2e-2 * reference.abs().max())
 
 
@@ -115,7 +115,7 @@ def test_int4_costs_little_perplexity_and_mostly_keeps_greedy_tokens(shakespeare
 
 def test_int4_needs_groups_of_32_inputs():
     with pytest.raises(GptkitError, match="groups of 32 inputs, but a layer of this model has 48"):
-        Int4Linear(torch.randn(8, 48), None, torch.float32)
+        Int4Linear.quantized(torch.randn(8, 48), None, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gptkit import checkpoint
+from gptkit.config import GPTConfig
 from gptkit.errors import GptkitError
-from gptkit.kernels.aot import load_or_compile
+from gptkit.kernels.aot import load_or_compile, model_tensors
 from gptkit.kernels.hugepages import move_to_huge_pages
 from gptkit.kernels.int4 import Int4Linear
 from gptkit.kernels.int8 import Int8Linear
+from gptkit.kernels.layout_cache import LayoutCache
 from gptkit.kernels.linear import (
     OneDnnLinear,
     RowLinear,
@@ -37,11 +39,12 @@ from gptkit.kernels.linear import (
     bf16_supported,
     plain_linear,
 )
-from gptkit.model import GPT, UnitOffsetRMSNorm, decode_logits
+from gptkit.model import GPT, UnitOffsetRMSNorm, decode_logits, skip_weight_init
 from gptkit.runtime import pick_device, pick_dtype
 from gptkit.tokenizer import Tokenizer
 
 QUANTIZE_CHOICES = ("int8", "int4")
+QUANTIZED_LAYERS: dict[str, type[Int8Linear | Int4Linear]] = {"int8": Int8Linear, "int4": Int4Linear}
 COMPILE_ENV = "GPTKIT_COMPILE"
 
 
@@ -74,11 +77,12 @@ def load_directory(directory: Path, device: str | None = "auto",
     fast = fast or quantize is not None or compile
     if isinstance(dtype, str):
         dtype = pick_dtype(dtype, chosen)
-    config, state = checkpoint.load(directory)
-    model = GPT.from_state_dict(config, state, device=chosen, dtype=None if fast else dtype)
     if fast:
-        optimize_for_inference(model, dtype=dtype or torch.float32, quantize=quantize,
-                               compile=compile, batch_size=batch_size)
+        model = _load_optimized(directory, chosen, dtype or torch.float32, quantize, compile,
+                                batch_size)
+    else:
+        config, state = checkpoint.load(directory)
+        model = GPT.from_state_dict(config, state, device=chosen, dtype=dtype)
     tokenizer = Tokenizer.from_pretrained(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise GptkitError(
@@ -114,26 +118,76 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
     products of that many rows on CPU (with `compile`, as a copy beside the plain layout
     that the compiled one-row step reads). Returns `model`.
     """
+    dtype = _layout_dtype(dtype, quantize, model.device)
+    _swap_layers(model, dtype, quantize, compile, batch_size)
+    return _finish(model, compile)
+
+
+def _load_optimized(directory: Path, device: torch.device, dtype: torch.dtype,
+                    quantize: str | None, compile: bool, batch_size: int) -> GPT:
+    """`optimize_for_inference` of the model in `directory`. A quantized CPU layout is
+    read from the layout cache where an earlier load saved it, and saved there otherwise."""
+    dtype = _layout_dtype(dtype, quantize, device)
+    cache = (LayoutCache(directory, f"{quantize}-{str(dtype).removeprefix('torch.')}")
+             if quantize is not None and device.type == "cpu" else None)
+    saved = cache.read() if cache is not None else None
+    model = None
+    if saved is not None:
+        model = _from_saved_layout(checkpoint.load_config(directory), saved, quantize)
+    if model is None:
+        config, state = checkpoint.load(directory)
+        model = GPT.from_state_dict(config, state, device=device)
+        _swap_layers(model, dtype, quantize, compile, batch_size)
+        if cache is not None:
+            cache.write(model_tensors(model))
+    # the saved tensors are mapped from the file, at any byte: copied where they are used
+    return _finish(model, compile, align=saved is not None)
+
+
+def _from_saved_layout(config: GPTConfig, saved: dict[str, torch.Tensor], quantize: str
+                       ) -> GPT | None:
+    """A model of `config` in the quantized layout, holding the `saved` tensors without
+    quantizing anything; None where they do not fit it. Its modules are built without
+    initialising their weights (`skip_weight_init`), then given the saved tensors."""
+    layer = QUANTIZED_LAYERS[quantize]
+    with skip_weight_init():
+        model = GPT(config)
+    try:
+        for path, parent, name in [*_linear_layers(model), ("lm_head", model, "lm_head")]:
+            linear = getattr(parent, name)
+            setattr(parent, name, layer.restored(saved, path + ".", linear.out_features))
+        missing, _ = model.load_state_dict(saved, strict=False, assign=True)
+    except (KeyError, RuntimeError):  # a layout of other shapes or names
+        return None
+    return None if missing else model.eval()
+
+
+def _layout_dtype(dtype: torch.dtype, quantize: str | None, device: torch.device) -> torch.dtype:
+    """`dtype`, checked, or float32 (with a warning) where the device lacks native bf16."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise GptkitError(f"dtype must be torch.float32 or torch.bfloat16; got {dtype!r}.")
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise GptkitError(f"quantize must be None, 'int8' or 'int4'; got {quantize!r}.")
-    device = model.device
     if quantize == "int4" and device.type != "cpu":
         raise GptkitError(f"quantize='int4' runs on CPU only; on {device.type} use 'int8'.")
     if dtype == torch.bfloat16 and not bf16_supported(device):
         warnings.warn(f"this {device.type} has no native bf16 support; using float32.",
-                      stacklevel=2)
-        dtype = torch.float32
+                      stacklevel=3)
+        return torch.float32
+    return dtype
+
+
+def _swap_layers(model: GPT, dtype: torch.dtype, quantize: str | None, compile: bool,
+                 batch_size: int) -> None:
+    """The layer swaps and casts of `optimize_for_inference`."""
     model.eval()
+    device = model.device
     # a serving engine's decode steps carry many rows: weights packed for that many
     packed_rows = (batch_size if device.type == "cpu" and batch_size > 1
                    and torch.backends.mkldnn.is_available() else None)
     make = _linear_factory(dtype, quantize, device, compile, packed_rows)
-    for block in model.transformer.h:
-        for parent, name in ((block.attn, "c_attn"), (block.attn, "c_proj"),
-                             (block.mlp, "c_fc"), (block.mlp, "c_proj")):
-            setattr(parent, name, make(getattr(parent, name)))
+    for _, parent, name in _linear_layers(model):
+        setattr(parent, name, make(getattr(parent, name)))
     # the head gets its own copy, untied from the embedding
     tiled = (device.type == "cpu" and dtype == torch.float32 and quantize is None
              and (packed_rows is None or compile))
@@ -142,13 +196,27 @@ def optimize_for_inference(model: GPT, dtype: torch.dtype = torch.float32,
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm, UnitOffsetRMSNorm)):
             module.to(dtype)
-    if device.type == "cpu":
-        move_to_huge_pages(model)
+
+
+def _finish(model: GPT, compile: bool, align: bool = False) -> GPT:
+    """The last steps of `optimize_for_inference`: huge pages (or, with `align`, at least
+    aligned memory), the compiled decode step."""
+    if model.device.type == "cpu":
+        move_to_huge_pages(model, align_anyway=align)
     model.compiled_decode = None
     if compile:
-        model.compiled_decode = (load_or_compile(model) if device.type == "cpu"
+        model.compiled_decode = (load_or_compile(model) if model.device.type == "cpu"
                                  else _compile_decode(model))
     return model
+
+
+def _linear_layers(model: GPT) -> Iterator[tuple[str, nn.Module, str]]:
+    """The blocks' linear layers, the same four per block in every family: (path, the
+    module that holds one, its attribute name)."""
+    for i, block in enumerate(model.transformer.h):
+        for part, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"),
+                           ("mlp", "c_proj")):
+            yield f"transformer.h.{i}.{part}.{name}", getattr(block, part), name
 
 
 def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.device,
@@ -162,8 +230,7 @@ def _linear_factory(dtype: torch.dtype, quantize: str | None, device: torch.devi
         # On CPU the int8 kernel is only fast with bf16 activations (see Int8Linear), and
         # int4's widened weights multiply fastest in bf16 where it is native.
         compute = torch.bfloat16 if device.type == "cpu" and bf16_supported(device) else dtype
-        layer = Int8Linear if quantize == "int8" else Int4Linear
-        return lambda lin: layer(lin.weight, cast(lin.bias), compute)
+        return lambda lin: QUANTIZED_LAYERS[quantize].quantized(lin.weight, cast(lin.bias), compute)
     if device.type != "cpu":
         return lambda lin: plain_linear(cast(lin.weight), cast(lin.bias))
     if compile:  # a serving engine's batches (packed_rows) read a packed copy

@@ -21,6 +21,7 @@ serves every prompt, generation length and cache size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -145,17 +146,23 @@ def _cache_rows(caches: list[KVCache | None]) -> list[torch.Tensor] | None:
     return whole
 
 
-def program_key(model: GPT) -> str:
-    """A digest of everything the compiled program depends on."""
-    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in model_tensors(model).items()]
+@functools.cache
+def source_digest() -> str:
+    """A digest of the gptkit sources that decode steps and inference layouts come from."""
     source = hashlib.sha256()
     package = Path(gptkit.__file__).parent
     for path in sorted(path for pattern in GRAPH_SOURCES for path in package.glob(pattern)):
         source.update(path.read_bytes())
+    return source.hexdigest()
+
+
+def program_key(model: GPT) -> str:
+    """A digest of everything the compiled program depends on."""
+    tensors = [(name, tuple(t.shape), str(t.dtype)) for name, t in model_tensors(model).items()]
     facts = {"config": model.config.to_dict(), "tensors": tensors,
              "modules": sorted({type(m).__name__ for m in model.modules()}),
              "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-             "gptkit": source.hexdigest(), "options": INDUCTOR_OPTIONS}
+             "gptkit": source_digest(), "options": INDUCTOR_OPTIONS}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

@@ -48,24 +48,43 @@ class Int4Linear(nn.Module):
     """A linear layer over group-wise int4 weights (see the module docstring), computed in
     `compute_dtype` (bf16 where the CPU has it natively, else fp32)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype) -> None:
+    def __init__(self, packed: torch.Tensor, steps_and_offsets: torch.Tensor,
+                 bias: torch.Tensor | None, out_features: int) -> None:
+        """The layer of the kernel's `packed` codes (out rounded up to 16, in / 2) and each
+        group's step and offset (in / 32, out rounded up, 2) in the compute dtype;
+        `quantized` makes them from a float weight."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        if self.in_features % GROUP:
+        self.out_features, self.in_features = out_features, packed.size(1) * 2
+        self.register_buffer("packed", packed)
+        self.register_buffer("steps_and_offsets", steps_and_offsets)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def quantized(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                  compute_dtype: torch.dtype) -> Int4Linear:
+        """The layer for a float `weight` (out, in) and `bias`, computing in `compute_dtype`."""
+        out_features, in_features = weight.shape
+        if in_features % GROUP:
             raise GptkitError(f"int4 quantizes groups of {GROUP} inputs, but a layer of this "
-                              f"model has {self.in_features}; use --quantize int8 for it.")
+                              f"model has {in_features}; use --quantize int8 for it.")
         padded = weight.detach()
-        if self.out_features % ROWS:  # zero rows, sliced off the product
-            padded = weight.new_zeros(-(-self.out_features // ROWS) * ROWS, self.in_features)
-            padded[:self.out_features] = weight.detach()
+        if out_features % ROWS:  # zero rows, sliced off the product
+            padded = weight.new_zeros(-(-out_features // ROWS) * ROWS, in_features)
+            padded[:out_features] = weight.detach()
         codes, steps, minima = quantize_groups(padded)
         offsets = minima + MIDDLE * steps
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         # (in / 32, out, 2): each group's step and offset, as the kernel reads them
-        self.register_buffer("steps_and_offsets",
-                             torch.stack([steps.t(), offsets.t()], dim=-1).to(compute_dtype).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        steps_and_offsets = torch.stack([steps.t(), offsets.t()], dim=-1).to(compute_dtype)
+        return cls(packed, steps_and_offsets.contiguous(),
+                   None if bias is None else bias.detach().clone(), out_features)
+
+    @classmethod
+    def restored(cls, state: dict[str, torch.Tensor], prefix: str, out_features: int
+                 ) -> Int4Linear:
+        """The layer whose tensors a state dict holds under `prefix` (ending with a dot)."""
+        return cls(state[prefix + "packed"], state[prefix + "steps_and_offsets"],
+                   state.get(prefix + "bias"), out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.steps_and_offsets.dtype)

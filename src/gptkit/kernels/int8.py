@@ -39,14 +39,28 @@ class Int8Linear(nn.Module):
     but not time.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        """The layer of int8 rows `weight` (out, in) with `scales` (out,) in the compute
+        dtype; `quantized` makes them from a float weight."""
         super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def quantized(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                  compute_dtype: torch.dtype) -> Int8Linear:
+        """The layer for a float `weight` (out, in) and `bias`, computing in `compute_dtype`."""
         q, scales = quantize_per_channel(weight)
-        self.out_features, self.in_features = q.shape
-        self.register_buffer("weight", q)
-        self.register_buffer("scales", scales.to(compute_dtype))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        return cls(q, scales.to(compute_dtype), None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def restored(cls, state: dict[str, torch.Tensor], prefix: str, out_features: int
+                 ) -> Int8Linear:
+        """The layer whose tensors a state dict holds under `prefix` (ending with a dot)."""
+        return cls(state[prefix + "weight"], state[prefix + "scales"], state.get(prefix + "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # (N, in)
