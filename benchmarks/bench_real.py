@@ -13,8 +13,10 @@ tokens; best of the rounds) for gptkit's default path (the decode step compiled 
 time, loaded from its cache) and its eager path (`--no-compile`), llama.cpp's, the ratio
 default / llama.cpp, each as a fraction of the memory-bandwidth bound (bytes of weights a
 token reads / the best read bandwidth measured in the row's rounds); then the prefill of a
-512-token prompt in tokens/s for both, and the time from the command's start to the first
-token of a second `gptkit generate` run (the compiled step already cached).
+512-token prompt in tokens/s for both, the time from the command's start to the first
+token of a second `gptkit generate` run (the compiled step already cached) beside a new
+Python process generating with llama-cpp-python, and how many of the default path's greedy
+tokens equal fp32 eager's before the first that differs.
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "llama-cpp-python==0.3.36"   # ~5 min, once
     python benchmarks/bench_real.py            # ~10 minutes (first run: + ~5 min compiling)
@@ -97,8 +99,9 @@ class Ours:
         from gptkit.generate import generate
 
         times = []
-        generate(self.model, torch.tensor([prompt]), max_new_tokens=NEW_TOKENS + 1,
-                 eos_token_id=[], streamer=lambda _: times.append(time.perf_counter()))
+        out = generate(self.model, torch.tensor([prompt]), max_new_tokens=NEW_TOKENS + 1,
+                       eos_token_id=[], streamer=lambda _: times.append(time.perf_counter()))
+        self.tokens = out[0, len(prompt):].tolist()
         return NEW_TOKENS / (times[-1] - times[0])
 
     def prefill(self, prompt: list[int]) -> float:
@@ -138,13 +141,35 @@ class Theirs:
 def first_token_seconds(directory: Path, settings: dict) -> float:
     """From the start of `gptkit generate` to its first generated character on stdout."""
     flags = [f"--{key}={value}" for key, value in settings.items()]
-    command = [sys.executable, "-m", "gptkit", "generate", "--model", str(directory), "--greedy",
-               "--max-new-tokens", "4", *flags, PROMPT]
+    return first_output_seconds([sys.executable, "-m", "gptkit", "generate", "--model",
+                                 str(directory), "--greedy", "--max-new-tokens", "4", *flags,
+                                 PROMPT], skip=len(PROMPT.encode()))
+
+
+# llama.cpp's side of the first-token column: a new Python process that loads the file
+# with llama-cpp-python and streams the continuation of the prompt
+LLAMACPP_GENERATE = """
+import sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=2, verbose=False)
+for part in llm(sys.argv[2], max_tokens=4, temperature=0.0, stream=True):
+    print(part["choices"][0]["text"], end="", flush=True)
+"""
+
+
+def llamacpp_first_token_seconds(path: Path) -> float:
+    """From the start of a process that generates with llama.cpp to its first token."""
+    return first_output_seconds([sys.executable, "-c", LLAMACPP_GENERATE, str(path), PROMPT],
+                                skip=0)
+
+
+def first_output_seconds(command: list[str], skip: int) -> float:
+    """From starting `command` to the first byte of its stdout after the first `skip`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     seen = b""
-    while len(seen) <= len(PROMPT.encode()) and (byte := process.stdout.read(1)):
+    while len(seen) <= skip and (byte := process.stdout.read(1)):
         seen += byte
     elapsed = time.perf_counter() - start
     process.wait()
@@ -159,12 +184,18 @@ def main() -> None:
     torch.set_num_threads(2)
     directory, files = fetch_model()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    reference = Ours(directory, ROWS["fp32"][0], False)  # fp32 eager: the tokens to equal
+    reference.decode(reference.tokenizer.encode_prompt(PROMPT))
+    expected = reference.tokens
+    del reference
     rows = []
     for name in args.only or ROWS:
         settings, kind = ROWS[name]
         print(f"{name}: loading (compiling the decode step on a first run)...", flush=True)
         first_token_seconds(directory, settings)  # compiles into the cache if needed
         first = min(first_token_seconds(directory, settings) for _ in range(2))
+        llamacpp_first_token_seconds(files[kind])  # the file into the page cache, as ours
+        their_first = min(llamacpp_first_token_seconds(files[kind]) for _ in range(2))
         ours, eager, theirs = (Ours(directory, settings, True), Ours(directory, settings, False),
                                Theirs(files[kind]))
         prompt = ours.tokenizer.encode_prompt(PROMPT)
@@ -179,19 +210,23 @@ def main() -> None:
                                                impl.prefill(long_prompt))
         for label, impl in (("ours", ours), ("eager", eager), ("theirs", theirs)):
             best[label + " bound"] = best[label] * impl.bytes / bandwidth
-        rows.append((name, kind, best, first))
+        same = next((i for i, (a, b) in enumerate(zip(ours.tokens, expected, strict=True)) if a != b),
+                    len(expected))
+        rows.append((name, kind, best, f"{first:.2f} s / {their_first:.2f} s",
+                     f"{same} of {len(expected)}"))
         print(f"{name}: {best['ours']:.1f} tok/s vs llama.cpp {best['theirs']:.1f}", flush=True)
         del ours, eager, theirs
     print()
     print("| precision (gptkit / llama.cpp) | gptkit default | gptkit eager | llama.cpp native "
-          "| ratio | prefill 512: gptkit | llama.cpp | ratio | first token, 2nd run |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, kind, best, first in rows:
+          "| ratio | prefill 512: gptkit | llama.cpp | ratio "
+          "| first token, 2nd run: gptkit / llama.cpp | greedy tokens = fp32 eager |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, kind, best, first, same in rows:
         print(f"| {name} / {kind} | {best['ours']:.1f} ({best['ours bound']:.0%} of bound) "
               f"| {best['eager']:.1f} | {best['theirs']:.1f} ({best['theirs bound']:.0%}) "
               f"| {best['ours'] / best['theirs']:.2f}x | {best['ours prefill']:.0f} "
               f"| {best['theirs prefill']:.0f} | {best['ours prefill'] / best['theirs prefill']:.2f}x "
-              f"| {first:.2f} s |")
+              f"| {first} | {same} |")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ decoding layouts (`optimize_for_inference`) with their compiled decode step.
 `optimize_for_inference` swaps every linear layer of the blocks, and the LM head, for
 the layer of `gptkit.kernels.linear` that suits the dtype and device (the same four
 layers per block in every architecture family). A tied LM head gets its own copy in the
-fast layout while the embedding stays as it is for lookups. On CPU every tensor of the optimized
-model then moves into memory backed by 2 MiB pages (`gptkit.kernels.hugepages`), which
-streams faster than torch's default 4 KiB pages. The model is changed in place and is
-for inference only (its state dict is no longer a checkpoint of its family).
+fast layout while the embedding stays as it is for lookups. On CPU every streamed tensor of
+the optimized model then moves into memory backed by 2 MiB pages (`gptkit.kernels.hugepages`),
+which streams faster than torch's default 4 KiB pages. The model is changed in place and
+is for inference only (its state dict is no longer a checkpoint of its family). Loading a
+directory with `quantize` on CPU saves the quantized layout for the next load
+(`gptkit.kernels.layout_cache`), which then skips reading and quantizing the checkpoint.
 
     model = optimize_for_inference(GPT.from_pretrained("out"), dtype=torch.bfloat16)
     generate(model, ids, max_new_tokens=50)
