@@ -4,6 +4,7 @@ checkpoint, a damaged file or an unwritable cache never gives wrong or no weight
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -67,10 +68,15 @@ def test_the_second_load_reads_the_saved_layout_not_the_checkpoint(model_dir, tm
 
 def test_a_changed_checkpoint_is_quantized_afresh(model_dir, tmp_path):
     load_directory(model_dir, "cpu", quantize="int8")
+    files = [model_dir / "model.safetensors", model_dir / "config.json"]
+    times = [(path.stat().st_atime_ns, path.stat().st_mtime_ns) for path in files]
     changed = GPT.from_pretrained(model_dir)
     with torch.no_grad():
         changed.transformer.h[0].mlp.c_fc.weight.mul_(-1)
     changed.save_pretrained(model_dir)
+    # saved again within the clock's resolution: same sizes, same times, new files
+    for path, ns in zip(files, times, strict=True):
+        os.utime(path, ns=ns)
     loaded, _ = load_directory(model_dir, "cpu", quantize="int8")
     assert torch.equal(logits(loaded), logits(fresh(model_dir, "int8")))
     assert len(saved_layouts(tmp_path)) == 1  # replaced, not added beside

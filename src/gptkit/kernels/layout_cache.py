@@ -6,7 +6,7 @@ half a second against a tenth for a 135M model on 2 cores, docs/performance.md).
 first load writes every tensor of the optimized model to one safetensors file in the
 cache directory (`gptkit.kernels.aot.cache_dir`), and later loads read it instead of the
 checkpoint. There is one file per model directory and layout, replaced when the
-directory's weights or config change; its key also holds what the layout depends on
+directory's weights or config change (are saved again); its key also holds what the layout depends on
 besides the weights (torch, this CPU's vector extensions, the gptkit sources), so a file
 from another version is never read.
 
@@ -41,12 +41,13 @@ class LayoutCache:
         self.path = cache_dir() / "layouts" / f"{name}-{layout}.safetensors"
 
     def key(self) -> str:
-        """A digest of the directory's weights and config (size and modification time)
-        and of everything else the layout depends on."""
+        """A digest of the directory's weights and config (size, modification time and
+        inode: an atomic save makes a new file even within the clock's resolution) and of
+        everything else the layout depends on."""
         files = {}
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             stat = (self.directory / name).stat()
-            files[name] = (stat.st_size, stat.st_mtime_ns)
+            files[name] = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
         facts = {"files": files, "path": self.path.name, "torch": torch.__version__,
                  "cpu": torch.backends.cpu.get_cpu_capability(), "gptkit": source_digest()}
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
