@@ -59,7 +59,8 @@ class Int8Linear(nn.Module):
     @classmethod
     def restored(cls, state: dict[str, torch.Tensor], prefix: str, out_features: int
                  ) -> Int8Linear:
-        """The layer whose tensors a state dict holds under `prefix` (ending with a dot)."""
+        """The layer whose tensors a state dict holds under `prefix` (ending with a dot);
+        `out_features` as for Int4Linear, whose rows are padded (int8's are not)."""
         return cls(state[prefix + "weight"], state[prefix + "scales"], state.get(prefix + "bias"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
