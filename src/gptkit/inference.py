@@ -133,17 +133,17 @@ def _load_optimized(directory: Path, device: torch.device, dtype: torch.dtype,
     cache = (LayoutCache(directory, f"{quantize}-{str(dtype).removeprefix('torch.')}")
              if quantize is not None and device.type == "cpu" else None)
     saved = cache.read() if cache is not None else None
-    model = None
-    if saved is not None:
-        model = _from_saved_layout(checkpoint.load_config(directory), saved, quantize)
-    if model is None:
+    model = (_from_saved_layout(checkpoint.load_config(directory), saved, quantize)
+             if saved is not None else None)
+    restored = model is not None
+    if not restored:
         config, state = checkpoint.load(directory)
         model = GPT.from_state_dict(config, state, device=device)
         _swap_layers(model, dtype, quantize, compile, batch_size)
         if cache is not None:
             cache.write(model_tensors(model))
-    # the saved tensors are mapped from the file, at any byte: copied where they are used
-    return _finish(model, compile, align=saved is not None)
+    # restored tensors are mapped from the file, at any byte: copied where they are used
+    return _finish(model, compile, align=restored)
 
 
 def _from_saved_layout(config: GPTConfig, saved: dict[str, torch.Tensor], quantize: str

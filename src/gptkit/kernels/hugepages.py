@@ -40,10 +40,11 @@ def move_to_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE,
     tensor becomes contiguous). Tensors shared between modules stay shared. A tensor held
     only by embedding tables stays put.
 
-    Returns whether it moved them: not on systems without transparent huge pages, nor for
-    modules with under `min_bytes` of tensors, where 4 KiB pages cost nothing. With
-    `align_anyway` those still get one block, of ordinary memory: tensors mapped from a
-    file may start at any byte, and ATen's int8 kernel faults on unaligned rows.
+    Returns whether it moved them into huge pages: not on systems without transparent
+    huge pages, nor for modules with under `min_bytes` of tensors, where 4 KiB pages cost
+    nothing. With `align_anyway` those still get one block, of ordinary memory: tensors
+    mapped from a file may start at any byte, and ATen's int8 kernel faults on unaligned
+    rows.
     """
     held: dict[int, tuple[torch.Tensor, list[tuple[dict, str]]]] = {}  # tensor, its places
     streamed: set[int] = set()  # tensors some module other than an embedding reads

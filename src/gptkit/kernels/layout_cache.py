@@ -56,7 +56,6 @@ class LayoutCache:
         """The saved tensors (mapped from the file, read as they are used), or None where
         there is no file of the directory's current weights."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         if not self.path.exists():
             return None
@@ -64,7 +63,7 @@ class LayoutCache:
             with safe_open(str(self.path), "pt") as saved:
                 if (saved.metadata() or {}).get(_KEY) != self.key():
                     return None
-            return load_file(str(self.path))
+                return {name: saved.get_tensor(name) for name in saved.keys()}
         except Exception:  # damaged (an interrupted copy, a full disk): written afresh
             return None
 
